@@ -1,0 +1,106 @@
+"""AlexNet (Krizhevsky, Sutskever, Hinton 2012) and its later "one weird trick" form.
+
+Variants:
+  ``alexnet``         the paper: widths 96-256-384-384-256, LRN after conv1/conv2, input 227.
+  ``alexnet_2tower``  the paper's two-GPU layout: conv2, conv4, conv5 grouped in 2.
+  ``alexnet_owt``     Krizhevsky 2014 (torchvision's pretrained form): widths 64-192-384-256-256,
+                      no LRN, input 224.
+
+Intermediate features (see :func:`flaxnets.extract_features`): ``conv1`` ... ``conv5`` (after
+activation, LRN and pooling) and ``pre_logits``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxnets.layers import MLPHead, adaptive_avg_pool, flatten, local_response_norm, max_pool
+from flaxnets.registry import register
+
+# The paper's init: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers
+# (to feed the ReLUs positive inputs early on), 0 elsewhere.
+_WEIGHT_INIT = nn.initializers.normal(0.01)
+_BIAS_ONE_LAYERS = frozenset({2, 4, 5})
+
+
+class AlexNet(nn.Module):
+    """AlexNet on NHWC images; returns float32 logits.
+
+    Attributes:
+      widths: output channels of the five convs.
+      groups: feature groups of each conv (2 = two towers).
+      stem_padding: zero padding of conv1 (0 in the paper at 227 px, 2 in the 224 px form).
+      lrn: local response normalisation after conv1 and conv2 (the paper).
+      num_classes: classifier outputs.
+      dropout_rate: dropout of the two hidden FC layers (paper: 0.5).
+      dtype: compute dtype; parameters are ``param_dtype``.
+      param_dtype: parameter dtype.
+    """
+
+    widths: tuple[int, int, int, int, int] = (96, 256, 384, 384, 256)
+    groups: tuple[int, int, int, int, int] = (1, 1, 1, 1, 1)
+    stem_padding: int = 0
+    lrn: bool = True
+    num_classes: int = 1000
+    dropout_rate: float = 0.5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv = functools.partial(
+            nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_WEIGHT_INIT
+        )
+        kernels, strides = (11, 5, 3, 3, 3), (4, 1, 1, 1, 1)
+        paddings = (self.stem_padding, 2, 1, 1, 1)
+        x = x.astype(self.dtype)
+        for i, (width, kernel, stride, pad, groups) in enumerate(
+            zip(self.widths, kernels, strides, paddings, self.groups), start=1
+        ):
+            bias = nn.initializers.ones if i in _BIAS_ONE_LAYERS else nn.initializers.zeros
+            x = conv(
+                width,
+                (kernel, kernel),
+                strides=stride,
+                padding=((pad, pad), (pad, pad)),
+                feature_group_count=groups,
+                bias_init=bias,
+                name=f"conv{i}",
+            )(x)
+            x = nn.relu(x)
+            if self.lrn and i <= 2:
+                x = local_response_norm(x)
+            if i in (1, 2, 5):
+                x = max_pool(x, 3, 2)
+            self.sow("intermediates", f"conv{i}", x)
+        x = flatten(adaptive_avg_pool(x, 6))
+        self.sow("intermediates", "pre_logits", x)
+        head = MLPHead(
+            hidden=(4096, 4096),
+            num_classes=self.num_classes,
+            dropout_rate=self.dropout_rate,
+            kernel_init=_WEIGHT_INIT,
+            hidden_bias=1.0,
+            dtype=self.dtype,
+            name="classifier",
+        )
+        return head(x, train).astype(jnp.float32)
+
+
+register("alexnet", AlexNet, family="alexnet", input_size=227)
+register("alexnet_2tower", AlexNet, family="alexnet", input_size=227, groups=(1, 2, 1, 2, 2))
+register(
+    "alexnet_owt",
+    AlexNet,
+    family="alexnet",
+    input_size=224,
+    aliases=("alexnet_torchvision",),
+    widths=(64, 192, 384, 256, 256),
+    stem_padding=2,
+    lrn=False,
+)

@@ -1,0 +1,180 @@
+"""Building blocks shared by several families: pooling as PyTorch defines it, LRN, and small modules."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleFactory = Callable[..., nn.Module]
+
+# He (Kaiming) normal init, fan-out, as the ResNet paper and torchvision use.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def batch_norm(train: bool, dtype: Any, **kwargs: Any) -> ModuleFactory:
+    """A BatchNorm factory with PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
+
+    In training mode it normalises with the batch statistics and updates ``batch_stats``;
+    in eval mode it uses the running averages.
+    """
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        **kwargs,
+    )
+
+
+def _pool_padding(size: int, window: int, stride: int, pad: int, ceil_mode: bool) -> tuple[int, int]:
+    """Left/right padding that reproduces PyTorch's output size, ceil_mode included."""
+    span = size + 2 * pad - window
+    out = (math.ceil(span / stride) if ceil_mode else span // stride) + 1
+    # PyTorch drops a last window that would start inside the right padding.
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return pad, max(0, (out - 1) * stride + window - size - pad)
+
+
+def max_pool(
+    x: jax.Array, window: int, stride: int, padding: int = 0, ceil_mode: bool = False
+) -> jax.Array:
+    """Max pooling over H and W of an NHWC array, with ``torch.nn.MaxPool2d`` semantics.
+
+    Padding never wins the max (it is -inf), and ``ceil_mode=True`` keeps a partial last window.
+    """
+    pads = [_pool_padding(x.shape[axis], window, stride, padding, ceil_mode) for axis in (1, 2)]
+    return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+
+
+def avg_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
+    """Average pooling over H and W (``torch.nn.AvgPool2d`` with ``count_include_pad=True``)."""
+    pads = ((padding, padding), (padding, padding))
+    return nn.avg_pool(x, (window, window), (stride, stride), padding=pads, count_include_pad=True)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Mean over H and W: (N, H, W, C) -> (N, C), accumulated in float32."""
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int) -> jax.Array:
+    """``torch.nn.AdaptiveAvgPool2d``: averages H and W into ``output_size`` bins each.
+
+    Bin i covers ``[floor(i * L / o), ceil((i + 1) * L / o))``, so a 1x1 input is replicated and
+    an input of exactly ``output_size`` is returned unchanged.
+    """
+    height, width = x.shape[1:3]
+    if (height, width) == (output_size, output_size):
+        return x
+
+    def bins(length: int) -> list[tuple[int, int]]:
+        return [
+            (i * length // output_size, -(-(i + 1) * length // output_size))
+            for i in range(output_size)
+        ]
+
+    rows = [jnp.mean(x[:, a:b], axis=1, keepdims=True) for a, b in bins(height)]
+    x = jnp.concatenate(rows, axis=1)
+    cols = [jnp.mean(x[:, :, a:b], axis=2, keepdims=True) for a, b in bins(width)]
+    return jnp.concatenate(cols, axis=2)
+
+
+def local_response_norm(
+    x: jax.Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
+) -> jax.Array:
+    """Local response normalisation across channels, as the AlexNet paper writes it.
+
+    ``b_c = a_c / (k + alpha * sum_{|j - c| <= size // 2} a_j ** 2) ** beta``. Note that alpha is
+    not divided by ``size``: ``torch.nn.LocalResponseNorm(size, alpha * size, beta, k)`` is the same
+    function. Computed in float32 whatever the input dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    half = size // 2
+    sums = jax.lax.reduce_window(
+        jnp.square(x32),
+        0.0,
+        jax.lax.add,
+        window_dimensions=(1, 1, 1, size),
+        window_strides=(1, 1, 1, 1),
+        padding=((0, 0), (0, 0), (0, 0), (half, size - 1 - half)),
+    )
+    return (x32 / (k + alpha * sums) ** beta).astype(x.dtype)
+
+
+class ConvNormAct(nn.Module):
+    """Convolution, optional normalisation, optional ReLU: the unit most CNNs repeat.
+
+    Attributes:
+      features: output channels.
+      kernel_size: square kernel size.
+      conv: a ``nn.Conv`` factory (dtype, init and bias already bound).
+      norm: a normalisation factory, or None for a plain conv (+ bias from ``conv``).
+      strides: conv stride.
+      padding: symmetric zero padding in pixels (PyTorch convention).
+      groups: feature groups (grouped / depthwise conv).
+      relu: whether to end with a ReLU.
+    """
+
+    features: int
+    kernel_size: int
+    conv: ModuleFactory
+    norm: ModuleFactory | None = None
+    strides: int = 1
+    padding: int = 0
+    groups: int = 1
+    relu: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            strides=self.strides,
+            padding=((self.padding, self.padding), (self.padding, self.padding)),
+            feature_group_count=self.groups,
+            name="conv",
+        )(x)
+        if self.norm is not None:
+            x = self.norm(name="bn")(x)
+        return nn.relu(x) if self.relu else x
+
+
+class MLPHead(nn.Module):
+    """AlexNet's and VGG's classifier: (FC -> ReLU -> dropout) per hidden width, then FC.
+
+    Attributes:
+      hidden: widths of the hidden FC layers, e.g. ``(4096, 4096)``.
+      num_classes: output size.
+      dropout_rate: dropout after each hidden layer (active only with ``train=True``).
+      kernel_init: weight initialiser of every layer.
+      hidden_bias: constant initial bias of the hidden layers (AlexNet uses 1).
+      dtype: compute dtype.
+    """
+
+    hidden: Sequence[int]
+    num_classes: int
+    dropout_rate: float
+    kernel_init: Callable
+    hidden_bias: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=self.kernel_init)
+        for i, width in enumerate(self.hidden):
+            x = dense(width, bias_init=nn.initializers.constant(self.hidden_bias), name=f"fc{i + 1}")(x)
+            x = nn.relu(x)
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return dense(self.num_classes, name=f"fc{len(self.hidden) + 1}")(x)
+
+
+def flatten(x: jax.Array) -> jax.Array:
+    """(N, ...) -> (N, prod(...)) in NHWC order."""
+    return x.reshape(x.shape[0], -1)
