@@ -6,8 +6,8 @@ Variants:
   ``alexnet_owt``     Krizhevsky 2014 (torchvision's pretrained form): widths 64-192-384-256-256,
                       no LRN, input 224.
 
-Intermediate features (see :func:`flaxnets.extract_features`): ``conv1`` ... ``conv5`` (after
-activation, LRN and pooling) and ``pre_logits``.
+Intermediate features (see :func:`flaxnets.extract_features`): ``stage1`` ... ``stage5``, the
+output of conv1 ... conv5 after activation, LRN and pooling, and ``pre_logits``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import MLPHead, adaptive_avg_pool, flatten, local_response_norm, max_pool
+from flaxnets.layers import MLPHead, adaptive_avg_pool, flatten, local_response_norm, max_pool, sow
 from flaxnets.registry import register
 
 # The paper's init: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers
@@ -77,9 +77,9 @@ class AlexNet(nn.Module):
                 x = local_response_norm(x)
             if i in (1, 2, 5):
                 x = max_pool(x, 3, 2)
-            self.sow("intermediates", f"conv{i}", x)
+            sow(self, "intermediates", f"stage{i}", x)
         x = flatten(adaptive_avg_pool(x, 6))
-        self.sow("intermediates", "pre_logits", x)
+        sow(self, "intermediates", "pre_logits", x)
         head = MLPHead(
             hidden=(4096, 4096),
             num_classes=self.num_classes,

@@ -14,7 +14,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import ModuleFactory, avg_pool, batch_norm, global_avg_pool, he_normal, max_pool
+from flaxnets.layers import (
+    ModuleFactory,
+    avg_pool,
+    batch_norm,
+    global_avg_pool,
+    he_normal,
+    max_pool,
+    sow,
+)
 from flaxnets.registry import register
 
 
@@ -83,17 +91,17 @@ class DenseNet(nn.Module):
         x = conv(self.stem_features, (7, 7), strides=2, padding=((3, 3), (3, 3)), name="conv0")(x)
         x = nn.relu(norm(name="norm0")(x))
         x = max_pool(x, 3, 2, padding=1)
-        self.sow("intermediates", "stem", x)
+        sow(self, "intermediates", "stem", x)
         for block, num_layers in enumerate(self.block_sizes, start=1):
             for layer in range(1, num_layers + 1):
                 x = DenseLayer(self.growth_rate, self.bn_size, conv, norm, name=f"denseblock{block}_layer{layer}")(x)
-            self.sow("intermediates", f"stage{block}", x)
+            sow(self, "intermediates", f"stage{block}", x)
             if block < len(self.block_sizes):
                 features = int(x.shape[-1] * self.compression)
                 x = Transition(features, conv, norm, name=f"transition{block}")(x)
         x = nn.relu(norm(name="norm5")(x))
         x = global_avg_pool(x)
-        self.sow("intermediates", "pre_logits", x)
+        sow(self, "intermediates", "pre_logits", x)
         x = nn.Dense(
             self.num_classes, bias_init=nn.initializers.zeros,
             dtype=self.dtype, param_dtype=self.param_dtype, name="classifier",

@@ -21,7 +21,7 @@ def extract_features(
 
     Every model sows its stage outputs into the ``"intermediates"`` collection: ResNet/ResNeXt,
     DenseNet and Xception give ``stem`` and ``stage1`` ... ``stage4`` (strides up to 32, as
-    detection backbones expect), VGG ``stage1`` ... ``stage5``, AlexNet ``conv1`` ... ``conv5``,
+    detection backbones expect), VGG and AlexNet ``stage1`` ... ``stage5``,
     GoogLeNet ``stem``, ``inception3`` ... ``inception5``; all give ``pre_logits``.
 
     Args:

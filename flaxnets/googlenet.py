@@ -40,6 +40,7 @@ from flaxnets.layers import (
     global_avg_pool,
     local_response_norm,
     max_pool,
+    sow,
 )
 from flaxnets.registry import register
 
@@ -103,7 +104,7 @@ class AuxHead(nn.Module):
         x = nn.relu(dense(1024, name="fc1")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         logits = dense(self.num_classes, name="fc2")(x).astype(jnp.float32)
-        self.sow("aux_logits", "logits", logits)
+        sow(self, "aux_logits", "logits", logits)
         return logits
 
 
@@ -174,11 +175,11 @@ class GoogLeNet(nn.Module):
         if self.lrn:
             x = local_response_norm(x)
         x = max_pool(x, 3, 2, ceil_mode=True)
-        self.sow("intermediates", "stem", x)
+        sow(self, "intermediates", "stem", x)
 
         for widths, name in zip(_STAGE3, ("inception3a", "inception3b")):
             x = inception(widths, name=name)(x)
-        self.sow("intermediates", "inception3", x)
+        sow(self, "intermediates", "inception3", x)
         x = max_pool(x, 3, 2, ceil_mode=True)
 
         for widths, name in zip(_STAGE4, ("inception4a", "inception4b", "inception4c", "inception4d", "inception4e")):
@@ -186,15 +187,15 @@ class GoogLeNet(nn.Module):
             if run_aux and name in ("inception4a", "inception4d"):
                 aux_name = "aux1" if name == "inception4a" else "aux2"
                 aux_head(name=aux_name)(x, train)
-        self.sow("intermediates", "inception4", x)
+        sow(self, "intermediates", "inception4", x)
         x = max_pool(x, self.pool4_window, 2, ceil_mode=True)
 
         for widths, name in zip(_STAGE5, ("inception5a", "inception5b")):
             x = inception(widths, name=name)(x)
-        self.sow("intermediates", "inception5", x)
+        sow(self, "intermediates", "inception5", x)
 
         x = global_avg_pool(x)
-        self.sow("intermediates", "pre_logits", x)
+        sow(self, "intermediates", "pre_logits", x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(jnp.float32)

@@ -178,3 +178,13 @@ class MLPHead(nn.Module):
 def flatten(x: jax.Array) -> jax.Array:
     """(N, ...) -> (N, prod(...)) in NHWC order."""
     return x.reshape(x.shape[0], -1)
+
+
+def sow(module: nn.Module, collection: str, name: str, value: jax.Array) -> None:
+    """``module.sow`` that records nothing during ``init``.
+
+    So ``model.init`` returns only ``params`` (and ``batch_stats``), and a later
+    ``apply(..., mutable=[collection])`` sees exactly one value per name.
+    """
+    if not module.is_initializing():
+        module.sow(collection, name, value)

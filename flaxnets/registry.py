@@ -37,11 +37,13 @@ class ModelInfo:
 
 
 _MODELS: dict[str, ModelInfo] = {}
-_ALIASES: dict[str, str] = {}
+# Every name and alias in normalised form -> canonical name.
+_LOOKUP: dict[str, str] = {}
 
 
 def _normalise(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
+    """Lower case without separators, so "ResNet-50", "resnet_50" and "resnet50" are one name."""
+    return "".join(ch for ch in name.lower() if ch not in "-_ ")
 
 
 def register(
@@ -63,29 +65,29 @@ def register(
     if unknown:
         raise ValueError(f"{module.__name__} has no field(s) {unknown} (registering {name!r})")
     for key in (name, *aliases):
-        key = _normalise(key)
-        if key in _MODELS or key in _ALIASES:
-            raise ValueError(f"model name {key!r} is already registered")
+        if _normalise(key) in _LOOKUP:
+            raise ValueError(f"model name {key!r} is already registered (as {_LOOKUP[_normalise(key)]!r})")
     _MODELS[name] = ModelInfo(name, family, module, dict(fields), input_size, tuple(aliases))
-    for alias in aliases:
-        _ALIASES[_normalise(alias)] = name
+    for key in (name, *aliases):
+        _LOOKUP[_normalise(key)] = name
 
 
 def resolve_name(name: str) -> str:
     """Returns the canonical registry name for ``name`` or one of its aliases.
 
-    Matching ignores case and treats ``-`` as ``_``.
+    Matching ignores case, ``-`` and ``_``.
 
     Raises:
       KeyError: for an unknown name; the message lists the closest known names.
     """
     key = _normalise(name)
-    if key in _MODELS:
-        return key
-    if key in _ALIASES:
-        return _ALIASES[key]
-    candidates = sorted([*_MODELS, *_ALIASES])
-    close = difflib.get_close_matches(key, candidates, n=5, cutoff=0.5)
+    if key in _LOOKUP:
+        return _LOOKUP[key]
+    candidates = {_normalise(n): n for n in _MODELS}
+    for alias, target in _LOOKUP.items():
+        candidates.setdefault(alias, target)
+    close = difflib.get_close_matches(key, list(candidates), n=8, cutoff=0.5)
+    close = list(dict.fromkeys(candidates[c] for c in close))[:5]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise KeyError(
         f"unknown model {name!r}.{hint} `flaxnets.list_models()` lists all {len(_MODELS)} models."
@@ -100,12 +102,11 @@ def model_info(name: str) -> ModelInfo:
 def list_models(pattern: str = "*") -> list[str]:
     """Lists the canonical model names matching a shell-style ``pattern``, sorted.
 
-    Example: ``list_models("resnext*")``. Aliases are not listed but are matched.
+    Example: ``list_models("resnext*")``. Matching ignores case, ``-`` and ``_``; aliases are
+    matched but only canonical names are listed.
     """
     pattern = _normalise(pattern)
-    names = {n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)}
-    names |= {target for alias, target in _ALIASES.items() if fnmatch.fnmatchcase(alias, pattern)}
-    return sorted(names)
+    return sorted({name for key, name in _LOOKUP.items() if fnmatch.fnmatchcase(key, pattern)})
 
 
 def create_model(

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import ModuleFactory, batch_norm, global_avg_pool, he_normal, max_pool
+from flaxnets.layers import ModuleFactory, batch_norm, global_avg_pool, he_normal, max_pool, sow
 from flaxnets.registry import register
 
 
@@ -128,7 +128,7 @@ class ResNet(nn.Module):
         x = conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         x = max_pool(x, 3, 2, padding=1)
-        self.sow("intermediates", "stem", x)
+        sow(self, "intermediates", "stem", x)
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 x = self.block_cls(
@@ -141,9 +141,9 @@ class ResNet(nn.Module):
                     base_width=self.base_width,
                     name=f"layer{stage + 1}_{index}",
                 )(x)
-            self.sow("intermediates", f"stage{stage + 1}", x)
+            sow(self, "intermediates", f"stage{stage + 1}", x)
         x = global_avg_pool(x)
-        self.sow("intermediates", "pre_logits", x)
+        sow(self, "intermediates", "pre_logits", x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(jnp.float32)
 

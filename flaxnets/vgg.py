@@ -24,6 +24,7 @@ from flaxnets.layers import (
     flatten,
     local_response_norm,
     max_pool,
+    sow,
 )
 from flaxnets.registry import register
 
@@ -78,9 +79,9 @@ class VGG(nn.Module):
                 if self.lrn_after_first and (stage, j) == (1, 1):
                     x = local_response_norm(x)
             x = max_pool(x, 2, 2)
-            self.sow("intermediates", f"stage{stage}", x)
+            sow(self, "intermediates", f"stage{stage}", x)
         x = flatten(adaptive_avg_pool(x, 7))
-        self.sow("intermediates", "pre_logits", x)
+        sow(self, "intermediates", "pre_logits", x)
         head = MLPHead(
             hidden=(4096, 4096),
             num_classes=self.num_classes,

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import ModuleFactory, batch_norm, global_avg_pool, he_normal, max_pool
+from flaxnets.layers import ModuleFactory, batch_norm, global_avg_pool, he_normal, max_pool, sow
 from flaxnets.registry import register
 
 
@@ -104,24 +104,24 @@ class Xception(nn.Module):
         x = x.astype(self.dtype)
         x = nn.relu(norm(name="bn1")(conv(32, (3, 3), strides=2, padding="VALID", name="conv1")(x)))
         x = nn.relu(norm(name="bn2")(conv(64, (3, 3), padding="VALID", name="conv2")(x)))
-        self.sow("intermediates", "stem", x)
+        sow(self, "intermediates", "stem", x)
         # Entry flow.
         x = block(128, 2, 2, start_with_relu=False, name="block1")(x)
-        self.sow("intermediates", "stage1", x)
+        sow(self, "intermediates", "stage1", x)
         x = block(256, 2, 2, name="block2")(x)
-        self.sow("intermediates", "stage2", x)
+        sow(self, "intermediates", "stage2", x)
         x = block(728, 2, 2, name="block3")(x)
         # Middle flow.
         for i in range(self.middle_blocks):
             x = block(728, 3, 1, name=f"block{4 + i}")(x)
-        self.sow("intermediates", "stage3", x)
+        sow(self, "intermediates", "stage3", x)
         # Exit flow.
         x = block(1024, 2, 2, grow_first=False, name=f"block{4 + self.middle_blocks}")(x)
         x = nn.relu(norm(name="bn3")(SeparableConv(1536, conv, name="conv3")(x)))
         x = nn.relu(norm(name="bn4")(SeparableConv(2048, conv, name="conv4")(x)))
-        self.sow("intermediates", "stage4", x)
+        sow(self, "intermediates", "stage4", x)
         x = global_avg_pool(x)
-        self.sow("intermediates", "pre_logits", x)
+        sow(self, "intermediates", "pre_logits", x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(jnp.float32)

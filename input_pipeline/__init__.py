@@ -1,0 +1,1 @@
+"""Input pipeline: tensorflow-datasets sources and the papers' augmentations (not built yet)."""

@@ -1,0 +1,32 @@
+"""Shared test helpers: cached model initialisation, so each model compiles its init once."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import flaxnets  # noqa: E402
+
+# Smallest comfortable square input per model for real forward passes (default 64 px): AlexNet's
+# unpadded 11x11/4 stem needs 67, Xception's unpadded stem 71, the paper GoogLeNet's aux pool 80.
+SMALL_INPUT = {"alexnet": 67, "alexnet_2tower": 67, "xception": 71, "googlenet": 96}
+
+
+def small_input(name: str, batch: int = 2) -> jax.Array:
+    """A deterministic random NHWC batch at the model's small test size."""
+    size = SMALL_INPUT.get(name, 64)
+    return jax.random.normal(jax.random.key(1), (batch, size, size, 3), jnp.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def init_small(name: str, num_classes: int = 10):
+    """(model, variables, x) for a model initialised at its small test size."""
+    model = flaxnets.create_model(name, num_classes=num_classes)
+    x = small_input(name)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    return model, variables, x

@@ -1,0 +1,87 @@
+"""Shared layers against independent NumPy computations of their definitions."""
+
+import math
+
+import numpy as np
+import pytest
+
+from flaxnets.layers import adaptive_avg_pool, avg_pool, global_avg_pool, local_response_norm, max_pool
+
+RNG = np.random.default_rng(0)
+
+
+def test_lrn_matches_the_papers_formula():
+    x = RNG.normal(size=(2, 3, 4, 9)).astype(np.float32) * 3
+    k, n, alpha, beta = 2.0, 5, 1e-4, 0.75
+    expected = np.empty_like(x)
+    for c in range(x.shape[-1]):
+        lo, hi = max(0, c - n // 2), min(x.shape[-1], c + n // 2 + 1)
+        expected[..., c] = x[..., c] / (k + alpha * np.sum(x[..., lo:hi] ** 2, axis=-1)) ** beta
+    got = np.asarray(local_response_norm(x, size=n, alpha=alpha, beta=beta, k=k))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # Large activations are really damped: not the identity.
+    assert not np.allclose(np.asarray(local_response_norm(x * 100)), x * 100 / 2**0.75)
+
+
+def _torch_pool_size(size, window, stride, pad, ceil_mode):
+    """Output size as torch.nn.MaxPool2d documents it."""
+    rounding = math.ceil if ceil_mode else math.floor
+    out = rounding((size + 2 * pad - window) / stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _reference_max_pool(x, window, stride, pad, ceil_mode):
+    size = x.shape[1]
+    out = _torch_pool_size(size, window, stride, pad, ceil_mode)
+    y = np.empty((x.shape[0], out, out, x.shape[3]), x.dtype)
+    for i in range(out):
+        for j in range(out):
+            r0, c0 = i * stride - pad, j * stride - pad
+            rows = slice(max(r0, 0), min(r0 + window, size))
+            cols = slice(max(c0, 0), min(c0 + window, size))
+            y[:, i, j] = x[:, rows, cols].max(axis=(1, 2))
+    return y
+
+
+@pytest.mark.parametrize(
+    "size, window, stride, pad, ceil_mode",
+    [(112, 3, 2, 0, True), (14, 2, 2, 0, True), (55, 3, 2, 0, False), (56, 3, 2, 1, False),
+     (7, 3, 1, 1, True), (13, 3, 2, 0, True), (10, 3, 2, 1, True)],
+)
+def test_max_pool_matches_torch_semantics(size, window, stride, pad, ceil_mode):
+    x = -np.abs(RNG.normal(size=(2, size, size, 3))).astype(np.float32)  # all negative: padding must lose
+    got = np.asarray(max_pool(x, window, stride, padding=pad, ceil_mode=ceil_mode))
+    np.testing.assert_array_equal(got, _reference_max_pool(x, window, stride, pad, ceil_mode))
+
+
+def test_known_pool_sizes():
+    x = np.zeros((1, 112, 112, 1), np.float32)
+    assert max_pool(x, 3, 2, ceil_mode=True).shape[1] == 56  # GoogLeNet's first pool
+    assert max_pool(x, 3, 2).shape[1] == 55
+    assert max_pool(np.zeros((1, 14, 14, 1)), 2, 2, ceil_mode=True).shape[1] == 7
+
+
+def test_avg_pool_counts_padding():
+    x = np.ones((1, 4, 4, 1), np.float32)
+    y = np.asarray(avg_pool(x, 3, 1, padding=1))
+    assert y[0, 0, 0, 0] == pytest.approx(4 / 9)
+    assert y[0, 1, 1, 0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("size, out", [(13, 6), (1, 6), (12, 6), (7, 7), (5, 4), (14, 4)])
+def test_adaptive_avg_pool_matches_definition(size, out):
+    x = RNG.normal(size=(2, size, size, 3)).astype(np.float32)
+    expected = np.empty((2, out, out, 3), np.float32)
+    for i in range(out):
+        for j in range(out):
+            r = slice(math.floor(i * size / out), math.ceil((i + 1) * size / out))
+            c = slice(math.floor(j * size / out), math.ceil((j + 1) * size / out))
+            expected[:, i, j] = x[:, r, c].mean(axis=(1, 2))
+    np.testing.assert_allclose(np.asarray(adaptive_avg_pool(x, out)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_global_avg_pool():
+    x = RNG.normal(size=(2, 5, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(global_avg_pool(x)), x.mean(axis=(1, 2)), rtol=1e-5)
