@@ -8,23 +8,31 @@ Quick start::
     logits = model.apply(variables, images, train=False)          # images: NHWC
 
 ``flaxnets.list_models()`` lists every architecture; ``python -m flaxnets`` prints the table.
+``flaxnets.from_torch`` / ``to_torch`` convert torchvision and timm weights (torch imported lazily).
 """
 
 # Importing the family modules registers their variants.
 from flaxnets import alexnet, densenet, googlenet, resnet, vgg, xception  # noqa: F401
+from flaxnets.convert import load_converted
 from flaxnets.features import extract_features
 from flaxnets.registry import ModelInfo, create_model, list_models, model_info, register, resolve_name
 from flaxnets.summary import count_params, summarize
+from flaxnets.torch_weights import from_torch, load_pretrained, to_torch, torch_models
 
 __all__ = [
     "ModelInfo",
     "count_params",
     "create_model",
     "extract_features",
+    "from_torch",
     "list_models",
+    "load_converted",
+    "load_pretrained",
     "model_info",
     "register",
     "resolve_name",
     "summarize",
+    "to_torch",
+    "torch_models",
 ]
 __version__ = "0.1.0"

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxnets.layers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ConvNormAct,
     ModuleFactory,
     adaptive_avg_pool,
@@ -119,6 +121,9 @@ class GoogLeNet(nn.Module):
       aux_pool_window: aux-head average pool window with stride 3 (paper: 5), or None for
         torchvision's adaptive pool to 4x4.
       aux_logits: build the auxiliary classifiers (run in training mode only).
+      bn_epsilon: BatchNorm epsilon (torchvision's GoogLeNet uses 1e-3).
+      transform_input: re-normalise ImageNet-mean/std-normalised input to the [-1, 1] scaling
+        that torchvision's pretrained GoogLeNet weights expect (its ``transform_input``).
       num_classes: classifier outputs.
       dropout_rate: dropout before the final FC (paper: 0.4).
       aux_dropout_rate: dropout in the auxiliary heads (paper: 0.7).
@@ -132,6 +137,8 @@ class GoogLeNet(nn.Module):
     pool4_window: int = 3
     aux_pool_window: int | None = 5
     aux_logits: bool = True
+    bn_epsilon: float = 1e-3
+    transform_input: bool = False
     num_classes: int = 1000
     dropout_rate: float = 0.4
     aux_dropout_rate: float = 0.7
@@ -146,7 +153,7 @@ class GoogLeNet(nn.Module):
                 nn.Conv, use_bias=False, kernel_init=nn.initializers.he_normal(),
                 dtype=self.dtype, param_dtype=self.param_dtype,
             )
-            norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype)
+            norm = batch_norm(train, self.dtype, epsilon=self.bn_epsilon, param_dtype=self.param_dtype)
         else:
             # Without BN a 22-layer plain net needs a scale-aware init: Xavier with bias 0.2, as in
             # the BVLC reproduction of the paper.
@@ -165,6 +172,9 @@ class GoogLeNet(nn.Module):
         )
         run_aux = self.aux_logits and (train or self.is_initializing())
 
+        if self.transform_input:
+            mean, std = jnp.array(IMAGENET_MEAN), jnp.array(IMAGENET_STD)
+            x = x * (std / 0.5) + (mean - 0.5) / 0.5
         x = x.astype(self.dtype)
         x = block(64, 7, strides=2, padding=3, name="conv1")(x)
         x = max_pool(x, 3, 2, ceil_mode=True)

@@ -12,11 +12,15 @@ import jax.numpy as jnp
 
 ModuleFactory = Callable[..., nn.Module]
 
+# Per-channel RGB statistics of ImageNet on the [0, 1] scale, as torchvision normalises.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # He (Kaiming) normal init, fan-out, as the ResNet paper and torchvision use.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def batch_norm(train: bool, dtype: Any, **kwargs: Any) -> ModuleFactory:
+def batch_norm(train: bool, dtype: Any, epsilon: float = 1e-5, **kwargs: Any) -> ModuleFactory:
     """A BatchNorm factory with PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
 
     In training mode it normalises with the batch statistics and updates ``batch_stats``;
@@ -26,7 +30,7 @@ def batch_norm(train: bool, dtype: Any, **kwargs: Any) -> ModuleFactory:
         nn.BatchNorm,
         use_running_average=not train,
         momentum=0.9,
-        epsilon=1e-5,
+        epsilon=epsilon,
         dtype=dtype,
         **kwargs,
     )

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The registry's torchvision is a CUDA build whose compiled ops do not load on CPU torch; its model
+# definitions need none of them, so its meta-registrations module is replaced by an empty one.
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

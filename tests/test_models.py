@@ -83,6 +83,17 @@ def test_output_shape_at_default_size(name):
     assert (out.shape, out.dtype) == ((3, 17), jnp.float32)
 
 
+@pytest.mark.parametrize("name", ["alexnet", "alexnet_owt", "vgg11_lrn", "googlenet", "resnet18"])
+def test_finite_forward_at_default_size(name):
+    model = flaxnets.create_model(name)
+    size = flaxnets.model_info(name).input_size
+    x = jax.random.uniform(jax.random.key(0), (1, size, size, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    logits = jax.jit(lambda v: model.apply(v, x))(variables)
+    assert logits.shape == (1, 1000) and bool(jnp.all(jnp.isfinite(logits)))
+    assert float(jnp.std(logits)) > 0
+
+
 def _train_apply(model, variables, x, dropout_key):
     """Training-mode forward; returns (logits, updated collections)."""
     return model.apply(
