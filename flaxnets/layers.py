@@ -24,11 +24,14 @@ def batch_norm(train: bool, dtype: Any, epsilon: float = 1e-5, **kwargs: Any) ->
     """A BatchNorm factory with PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
 
     In training mode it normalises with the batch statistics and updates ``batch_stats``;
-    in eval mode it uses the running averages.
+    in eval mode it uses the running averages. The variance is computed in two passes,
+    mean((x - mean)^2): the one-pass E[x^2] - E[x]^2 cancels catastrophically in float32 when the
+    mean is large next to the spread, which also made results depend on the device count.
     """
     return functools.partial(
         nn.BatchNorm,
         use_running_average=not train,
+        use_fast_variance=False,
         momentum=0.9,
         epsilon=epsilon,
         dtype=dtype,
