@@ -40,11 +40,12 @@ def make_dataset(
       batch_size: the global batch size; each process gets ``batch_size // process_count``.
       train: shuffled, repeated forever, augmented with ``recipe``, incomplete batches dropped.
         Otherwise one pass in order with the eval transform, the last batch padded and
-        ``mask`` marking the real examples.
+        ``mask`` marking the real examples; every process yields the same number of batches.
       recipe: training augmentation (``input_pipeline.recipes.list_recipes()``).
       image_size: output height and width.
       seed: seeds the shuffle and every augmentation; the same seed gives the same batches.
-      process_index / process_count: this process's shard (default: JAX's).
+      process_index / process_count: this process's shard (default: JAX's). Training batches are
+        the same global batches on any number of processes; evaluation splits the files.
       shuffle_buffer: examples in the shuffle buffer.
       cache: keep the encoded examples in memory after the first pass.
       deterministic: keep the order fixed under parallel decoding (slightly slower).
@@ -58,24 +59,32 @@ def make_dataset(
     if batch_size % process_count:
         raise ValueError(f"global batch size {batch_size} is not divisible by {process_count} processes")
     local_batch = batch_size // process_count
-    ds = source.make(process_index, process_count)
-    if cache:
-        ds = ds.cache()
     if train:
+        # Every process shuffles the whole split with the same seed and keeps every
+        # process_count-th example: global batch k holds the same examples whatever the number of
+        # processes, so training follows the same trajectory on any topology. Each process
+        # decodes and augments only its own examples (it reads all records, a cheap part).
+        ds = source.make(0, 1)
+        if cache:
+            ds = ds.cache()
         transform = get_recipe(recipe).transform
-        ds = ds.shuffle(shuffle_buffer, seed=seed + process_index, reshuffle_each_iteration=True).repeat()
-        base = tf.constant([seed, process_index], tf.int64)
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        base = tf.constant([seed, 0], tf.int64)
 
         def prepare(index, example):
-            element_seed = tf.random.experimental.stateless_fold_in(base, index)
+            element_seed = tf.random.experimental.stateless_fold_in(base, index)  # the global index
             image = transform(example["image"], element_seed, image_size)
             return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
-        ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        ds = ds.enumerate().shard(process_count, process_index)
+        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         # Sources check their files up front; anything that still fails to decode is logged and
         # skipped rather than ending the run mid-epoch.
         ds = ds.ignore_errors(log_warning=True).batch(local_batch, drop_remainder=True)
     else:
+        ds = source.make(process_index, process_count)
+        if cache:
+            ds = ds.cache()
         eval_transform = get_recipe("eval").transform
 
         def prepare(example):
@@ -84,6 +93,13 @@ def make_dataset(
 
         ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors(log_warning=True).batch(local_batch).map(lambda b: _pad_batch(b, local_batch))
+        # Every process must yield the same number of batches (the steps are collective): pad
+        # with fully masked batches up to the count of the largest shard.
+        largest_shard = -(-source.num_examples // process_count)
+        num_batches = -(-largest_shard // local_batch)
+        empty = {"image": tf.zeros([local_batch, image_size, image_size, 3]),
+                 "label": tf.zeros([local_batch], tf.int32), "mask": tf.zeros([local_batch], tf.bool)}
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
     options = tf.data.Options()
     options.deterministic = deterministic
     options.experimental_optimization.map_parallelization = True

@@ -87,6 +87,13 @@ def inception_crop_flip(image_bytes, seed, size: int = 224) -> tf.Tensor:
     return aug.normalize(aug.random_flip(image, seeds[1]))
 
 
+def scale_crop(image_bytes, seed, size: int = 224) -> tf.Tensor:
+    """Light, mirror-free augmentation (digits, text): shorter side S ~ U[size, 8/7 size], random crop."""
+    seeds = aug.split_seed(seed, 2)
+    short_side = tf.random.stateless_uniform([], seeds[0], minval=size, maxval=round(size * 8 / 7) + 1, dtype=tf.int32)
+    return aug.normalize(aug.decode_and_rescaled_crop(image_bytes, size, short_side, seeds[1]) / 255.0)
+
+
 def evaluation(image_bytes, seed=None, size: int = 224, crop_fraction: float = 0.875) -> tf.Tensor:
     """Plain eval transform: short side to ``size / crop_fraction`` (256 for 224), centre ``size`` crop."""
     image = aug.decode_and_rescaled_crop(image_bytes, size, size / crop_fraction)
@@ -101,6 +108,7 @@ _RECIPES = {
         Recipe("inception", inception, "GoogLeNet: 8-100% area crops, random interpolation, photometric"),
         Recipe("resnet", resnet, "ResNet: short side U[256,480], crop, flip, colour augmentation"),
         Recipe("inception_crop_flip", inception_crop_flip, "random-sized crop + flip (modern default)"),
+        Recipe("scale_crop", scale_crop, "light scale jitter and random crop, no flip (digits, text)"),
         Recipe("eval", evaluation, "resize to size/0.875 and centre crop"),
     )
 }

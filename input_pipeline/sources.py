@@ -84,7 +84,13 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
     if not builder.is_prepared():
         if download or name == digits.NAME:
             log.info("preparing %s in %s", name, data_dir)
-            builder.download_and_prepare()
+            try:
+                builder.download_and_prepare()
+            except Exception:
+                # Processes sharing data_dir may prepare it at once; one of them wins the rename.
+                builder = tfds.builder(name, data_dir=data_dir)
+                if not builder.is_prepared():
+                    raise
         else:
             raise DatasetNotReadyError(
                 f"data set {name!r} is not prepared in {data_dir}: {_how_to_prepare(builder, data_dir)}"
