@@ -1,0 +1,300 @@
+"""The training loop: data-parallel ``jax.jit`` over a device mesh, evaluation, checkpoints, reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import flaxnets
+from input_pipeline.pipeline import global_batches, make_dataset
+from input_pipeline.sources import Source, load_source
+from train.checkpoints import Checkpoints
+from train.optim import make_optimizer, make_schedule
+from train.recipes import Recipe
+from train.report import Reporter
+from train.steps import TrainState, create_state, eval_step, train_step
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or must stop; the message says why (the CLI prints it alone)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where a run reads and writes, and on what it runs (the recipe says how it trains).
+
+    Attributes:
+      workdir: checkpoints, metrics.jsonl, tensorboard/, curves.png.
+      data_dir: tensorflow-datasets directory.
+      download: let tfds download a data set that is not prepared.
+      accelerator: ``cpu``, ``gpu`` or ``tpu``.
+      precision: ``fp32`` or ``bf16`` (bfloat16 compute, float32 weights).
+      seed: initialisation, data order and augmentation.
+      resume: continue from the newest checkpoint in ``workdir`` if there is one.
+      init_from: a ``python -m flaxnets.convert`` directory to start from (new head if the classes differ).
+      keep_checkpoints: recent checkpoints kept (the best one is kept besides).
+      log_every: steps between progress updates (each one syncs with the device).
+      max_steps: stop (saving a checkpoint) after this many steps in total; None for no limit.
+      progress: show a progress bar.
+    """
+
+    workdir: str = "workdir"
+    data_dir: str | None = None
+    download: bool = False
+    accelerator: str = "cpu"
+    precision: str = "fp32"
+    seed: int = 0
+    resume: bool = True
+    init_from: str | None = None
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    max_steps: int | None = None
+    progress: bool = True
+
+
+def select_devices(accelerator: str) -> list[jax.Device]:
+    """All devices of the requested platform; raises TrainingError if there are none."""
+    try:
+        devices = jax.devices(accelerator)
+    except RuntimeError:
+        devices = []
+    if not devices:
+        available = sorted({d.platform for d in jax.devices()})
+        raise TrainingError(f"--accelerator {accelerator}: no {accelerator.upper()} is visible to JAX "
+                            f"(available: {', '.join(available)}); install the matching jax build or pick another")
+    return devices
+
+
+def _eval_split(source_name: str, data_dir: str | None, download: bool) -> Source:
+    for split in ("validation", "test"):
+        try:
+            return load_source(source_name, split, data_dir=data_dir, download=download)
+        except Exception as err:  # noqa: BLE001 - try the next split name
+            if "no split" not in str(err) and "does not exist" not in str(err):
+                raise
+    raise TrainingError(f"{source_name} has neither a 'validation' nor a 'test' split")
+
+
+def _load_sources(recipe: Recipe, config: RunConfig) -> tuple[Source, Source]:
+    if os.path.isdir(recipe.dataset):
+        train = load_source(os.path.join(recipe.dataset, "train"))
+        return train, _eval_split(os.path.join(recipe.dataset, "val"), None, False)
+    train = load_source(recipe.dataset, "train", data_dir=config.data_dir, download=config.download)
+    return train, _eval_split(recipe.dataset, config.data_dir, config.download)
+
+
+def build_model(recipe: Recipe, num_classes: int, precision: str):
+    """The recipe's model with its overrides, for ``num_classes`` and the precision."""
+    if precision not in ("fp32", "bf16"):
+        raise TrainingError(f"--precision must be fp32 or bf16, not {precision!r}")
+    fields = {f.name for f in dataclasses.fields(flaxnets.model_info(recipe.model).module)}
+    overrides = {}
+    if recipe.dropout_rate is not None and "dropout_rate" in fields:
+        overrides["dropout_rate"] = recipe.dropout_rate
+    if recipe.zero_init_residual and "zero_init_residual" in fields:
+        overrides["zero_init_residual"] = True
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    return flaxnets.create_model(recipe.model, num_classes=num_classes, dtype=dtype, **overrides)
+
+
+def _init_from(state: TrainState, directory: str) -> TrainState:
+    """Copies converted weights into ``state``; leaves whose shape differs (a new head) keep their init."""
+    _, variables = flaxnets.load_converted(directory)
+
+    def merge(new, loaded):
+        return jax.tree.map(lambda n, l: l if np.shape(l) == np.shape(n) else n, new, loaded)
+
+    params = merge(state.params, variables["params"])
+    stats = merge(state.batch_stats, variables.get("batch_stats", {})) if state.batch_stats else state.batch_stats
+    return state.replace(params=params, ema_params=params, batch_stats=stats, opt_state=state.tx.init(params))
+
+
+class _StopRequest:
+    """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _evaluate(eval_fn, state, source, recipe, image_size, batch_size, data_sharding) -> dict[str, float]:
+    totals = {"top1": 0, "top5": 0, "count": 0}
+    ds = make_dataset(source, batch_size=batch_size, train=False, image_size=image_size)
+    for batch in global_batches(ds, data_sharding):
+        for key, value in eval_fn(state, batch).items():
+            totals[key] += int(value)
+    count = max(totals["count"], 1)
+    return {"top1": totals["top1"] / count, "top5": totals["top5"] / count, "count": totals["count"]}
+
+
+def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
+    """Trains ``recipe`` under ``config``; returns the final summary (best accuracy, paths, status).
+
+    Raises:
+      TrainingError: bad settings, or a loss that became NaN/Inf (the last good checkpoint is kept).
+    """
+    devices = select_devices(config.accelerator)
+    if recipe.batch_size % len(devices):
+        raise TrainingError(f"batch size {recipe.batch_size} is not divisible by the {len(devices)} devices; "
+                            f"use a multiple of {len(devices)}")
+    train_source, eval_source = _load_sources(recipe, config)
+    steps_per_epoch = train_source.num_examples // recipe.batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"batch size {recipe.batch_size} exceeds the {train_source.num_examples} training examples")
+    total_steps = steps_per_epoch * recipe.epochs
+    image_size = recipe.image_size or flaxnets.model_info(recipe.model).input_size
+    model = build_model(recipe, train_source.num_classes, config.precision)
+    schedule = make_schedule(recipe, steps_per_epoch)
+    tx = make_optimizer(recipe, schedule)
+
+    mesh = Mesh(np.array(devices), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    state = jax.device_put(create_state(model, tx, image_size, config.seed), replicated)
+    ckpt = Checkpoints(config.workdir, keep=config.keep_checkpoints)
+    is_main = jax.process_index() == 0
+    reporter = Reporter(config.workdir, enabled=is_main)
+    if config.resume and ckpt.latest_step() is not None:
+        state = ckpt.restore_latest(state)
+        _say(is_main, f"resumed from step {int(state.step)} in {ckpt.last_dir}")
+    elif config.init_from:
+        state = jax.device_put(_init_from(state, config.init_from), replicated)
+
+    step_fn = functools.partial(train_step, num_classes=train_source.num_classes,
+                                label_smoothing=recipe.label_smoothing, aux_loss_weight=recipe.aux_loss_weight,
+                                ema_decay=recipe.ema_decay)
+    jit_train = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
+                        out_shardings=(replicated, replicated), donate_argnums=0)
+    jit_eval = jax.jit(eval_step, in_shardings=(replicated, data_sharding), out_shardings=replicated,
+                       static_argnames="use_ema")
+    evaluate = functools.partial(_evaluate, source=eval_source, recipe=recipe, image_size=image_size,
+                                 batch_size=recipe.batch_size, data_sharding=data_sharding)
+
+    step = int(state.step)
+    status = "finished"
+    with _StopRequest() as stop:
+        _say(is_main, f"training {recipe.model} ({recipe.name}) on {train_source.name}: {train_source.num_examples} "
+                      f"images, {train_source.num_classes} classes, {image_size}px, {recipe.epochs} epochs x "
+                      f"{steps_per_epoch} steps of {recipe.batch_size} on {len(devices)} {config.accelerator} device(s)")
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            ds = make_dataset(train_source, batch_size=recipe.batch_size, train=True, recipe=recipe.augmentation,
+                              image_size=image_size, seed=config.seed * 100_003 + epoch)
+            ds = ds.take(steps_per_epoch).skip(step % steps_per_epoch)
+            bar = _progress(config.progress and is_main, epoch, recipe.epochs, steps_per_epoch, step % steps_per_epoch)
+            pending, losses, tick, images = [], [], time.perf_counter(), 0
+            for batch in global_batches(ds, data_sharding):
+                state, metrics = jit_train(state, batch)
+                step += 1
+                images += recipe.batch_size
+                pending.append(metrics)
+                done_epoch = step % steps_per_epoch == 0
+                if len(pending) >= config.log_every or done_epoch or stop.requested:
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    loss = float(np.mean([m["loss"] for m in fetched]))
+                    losses += [float(m["loss"]) for m in fetched]
+                    if not math.isfinite(loss):
+                        ckpt.close()
+                        raise TrainingError(f"loss became {loss} at step {step}; stopped. The last good checkpoint "
+                                            f"(step {ckpt.latest_step()}) is in {ckpt.last_dir}")
+                    rate = images / (time.perf_counter() - tick)
+                    lr = float(schedule(step - 1)) * float(state.lr_scale)
+                    reporter.log_step(step, {"loss": loss, "lr": lr, "images_per_sec": rate})
+                    if bar is not None:
+                        bar.update(len(fetched))
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                    tick, images = time.perf_counter(), 0
+                if stop.requested or (config.max_steps is not None and step >= config.max_steps):
+                    break
+            if bar is not None:
+                bar.close()
+            if step % steps_per_epoch == 0:
+                state = _end_of_epoch(state, epoch, step, losses, recipe, jit_eval, evaluate, ckpt, reporter, is_main)
+            if step < total_steps and (stop.requested or (config.max_steps is not None and step >= config.max_steps)):
+                if ckpt.latest_step() != step:
+                    ckpt.save(step, state)
+                status = "preempted" if stop.requested else "stopped at --max-steps"
+                _say(is_main, f"{status}: saved step {step} to {ckpt.last_dir}; rerun the same command to resume")
+                break
+    ckpt.close()
+    return _summary(reporter, config, status, step, is_main)
+
+
+def _end_of_epoch(state, epoch, step, losses, recipe, jit_eval, evaluate, ckpt, reporter, is_main):
+    """Evaluates, applies the plateau rule, records and checkpoints one finished epoch."""
+    result = evaluate(lambda s, b: jit_eval(s, b), state)
+    record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+              "eval_top1": result["top1"], "eval_top5": result["top5"], "lr_scale": float(state.lr_scale)}
+    if recipe.ema_decay is not None:
+        ema = evaluate(lambda s, b: jit_eval(s, b, use_ema=True), state)
+        record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+    if recipe.plateau_patience > 0:
+        state = _plateau(state, result["top1"], recipe)
+    reporter.write(step, record)
+    ema_text = f", EMA top-1 {100 * record['ema_top1']:.2f}%" if "ema_top1" in record else ""
+    _say(is_main, f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, eval top-1 "
+                  f"{100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%{ema_text}")
+    ckpt.save(step, state, metrics={"top1": max(result["top1"], record.get("ema_top1", 0.0))})
+    return state
+
+
+def _plateau(state: TrainState, top1: float, recipe: Recipe) -> TrainState:
+    """Divides the lr by 10 after ``plateau_patience`` evals without improvement (at most N times)."""
+    # The best is stored in float32: a repeat of the same accuracy must not count as progress.
+    if top1 > float(state.plateau_best) + 1e-6:
+        return state.replace(plateau_best=jnp.asarray(top1, jnp.float32), plateau_bad_epochs=jnp.zeros((), jnp.int32))
+    bad = int(state.plateau_bad_epochs) + 1
+    reductions = round(-math.log10(float(state.lr_scale)))
+    if bad >= recipe.plateau_patience and reductions < recipe.plateau_max_reductions:
+        return state.replace(lr_scale=state.lr_scale * 0.1, plateau_bad_epochs=jnp.zeros((), jnp.int32))
+    return state.replace(plateau_bad_epochs=jnp.asarray(bad, jnp.int32))
+
+
+def _summary(reporter: Reporter, config: RunConfig, status: str, step: int, is_main: bool) -> dict[str, Any]:
+    history = reporter.history() if is_main else []
+    summary: dict[str, Any] = {"status": status, "step": step, "workdir": os.path.abspath(config.workdir)}
+    if history:
+        key = "ema_top1" if "ema_top1" in history[-1] and max(r["ema_top1"] for r in history) > max(
+            r["eval_top1"] for r in history) else "eval_top1"
+        best = max(history, key=lambda r: r[key])
+        summary.update(best_top1=best[key], best_top5=best[key.replace("top1", "top5")], best_epoch=best["epoch"],
+                       plot=reporter.plot(), metrics=reporter.metrics_path)
+    return summary
+
+
+def _progress(enabled: bool, epoch: int, epochs: int, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False)
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, flush=True)
