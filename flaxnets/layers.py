@@ -39,6 +39,11 @@ def batch_norm(train: bool, dtype: Any, epsilon: float = 1e-5, **kwargs: Any) ->
     )
 
 
+def bias_free_conv(dtype: Any, param_dtype: Any) -> ModuleFactory:
+    """A ``nn.Conv`` factory for convs followed by BatchNorm: no bias, He (fan-out) init."""
+    return functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal, dtype=dtype, param_dtype=param_dtype)
+
+
 def _pool_padding(size: int, window: int, stride: int, pad: int, ceil_mode: bool) -> tuple[int, int]:
     """Left/right padding that reproduces PyTorch's output size, ceil_mode included."""
     span = size + 2 * pad - window

@@ -10,14 +10,13 @@ codebases use for r50/x101 backbones.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import ModuleFactory, batch_norm, global_avg_pool, he_normal, max_pool, sow
+from flaxnets.layers import ModuleFactory, batch_norm, bias_free_conv, global_avg_pool, max_pool, sow
 from flaxnets.registry import register
 
 
@@ -119,9 +118,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = functools.partial(
-            nn.Conv, use_bias=False, kernel_init=he_normal, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        conv = bias_free_conv(self.dtype, self.param_dtype)
         norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype)
 
         x = x.astype(self.dtype)

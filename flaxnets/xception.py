@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import ModuleFactory, batch_norm, global_avg_pool, he_normal, max_pool, sow
+from flaxnets.layers import ModuleFactory, batch_norm, bias_free_conv, global_avg_pool, max_pool, sow
 from flaxnets.registry import register
 
 
@@ -95,9 +95,7 @@ class Xception(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = functools.partial(
-            nn.Conv, use_bias=False, kernel_init=he_normal, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        conv = bias_free_conv(self.dtype, self.param_dtype)
         norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype)
         block = functools.partial(XceptionBlock, conv=conv, norm=norm)
 

@@ -47,18 +47,14 @@ def final_params(workdir):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             checkpointer.metadata(path).item_metadata.tree)
-    restored = checkpointer.restore(path, abstract)
-    flat = {}
+    return _flatten(checkpointer.restore(path, abstract)["params"])
 
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}/{key}", value)
-        else:
-            flat[prefix] = np.asarray(node)
 
-    walk("", restored["params"])
-    return flat
+def _flatten(tree, prefix=""):
+    """{"/a/b": array} for a nested dict of arrays."""
+    if not isinstance(tree, dict):
+        return {prefix: np.asarray(tree)}
+    return {path: leaf for key, value in tree.items() for path, leaf in _flatten(value, f"{prefix}/{key}").items()}
 
 
 def test_loss_goes_down_accuracy_goes_up_and_reports_are_written(tmp_path, data_dir):
@@ -198,17 +194,7 @@ def _initial_params():
     recipe = small_recipe(batch_size=64)
     tx = make_optimizer(recipe, make_schedule(recipe, 1437 // 64))
     params = create_state(build_model(recipe, 10, "fp32"), tx, 16, seed=0).params
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}/{key}", value)
-        else:
-            flat[prefix] = np.asarray(node)
-
-    walk("", jax.tree.map(np.asarray, dict(params)))
-    return flat
+    return _flatten(jax.tree.map(np.asarray, dict(params)))
 
 
 def test_init_from_converted_weights_gets_a_new_head(tmp_path, data_dir):
