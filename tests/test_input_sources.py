@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from input_pipeline import augment as aug

@@ -141,7 +141,8 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _evaluate(eval_fn, state, source, recipe, image_size, batch_size, data_sharding) -> dict[str, float]:
+def _evaluate(eval_fn, state, source, image_size, batch_size, data_sharding) -> dict[str, float]:
+    """Top-1/top-5 over the whole eval split (padding masked out)."""
     totals = {"top1": 0, "top5": 0, "count": 0}
     ds = make_dataset(source, batch_size=batch_size, train=False, image_size=image_size)
     for batch in global_batches(ds, data_sharding):
@@ -191,7 +192,7 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
                         out_shardings=(replicated, replicated), donate_argnums=0)
     jit_eval = jax.jit(eval_step, in_shardings=(replicated, data_sharding), out_shardings=replicated,
                        static_argnames="use_ema")
-    evaluate = functools.partial(_evaluate, source=eval_source, recipe=recipe, image_size=image_size,
+    evaluate = functools.partial(_evaluate, source=eval_source, image_size=image_size,
                                  batch_size=recipe.batch_size, data_sharding=data_sharding)
 
     step = int(state.step)
