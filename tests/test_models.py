@@ -128,13 +128,21 @@ def test_forward_gradients_and_modes(name):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
     # Training mode differs from eval: dropout is on and/or BatchNorm uses batch statistics.
-    assert not np.allclose(train_logits, logits, rtol=1e-4, atol=1e-5)
+    # Compared relative to the logits' scale: the plain deep VGGs under the paper's N(0, 0.01)
+    # init give logits of 1e-7..1e-9 (the vanishing signal the paper avoided by starting B-E from A).
+    assert _differs(train_logits, logits)
     if "batch_stats" in rest:
         before, after = jax.tree.leaves(rest["batch_stats"]), jax.tree.leaves(updates["batch_stats"])
         assert any(not np.allclose(a, b) for a, b in zip(before, after)), "BN statistics not updated"
     if getattr(model, "dropout_rate", 0) > 0:
         _, (other, _) = grad_fn(params, jax.random.key(3))
-        assert not np.allclose(other, train_logits), "dropout ignores its rng"
+        assert _differs(other, train_logits), "dropout ignores its rng"
+
+
+def _differs(a, b, rel=1e-3):
+    """True if ``a`` and ``b`` differ by more than ``rel`` of their magnitude."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max()) > rel * float(max(np.abs(a).max(), np.abs(b).max()))
 
 
 BF16_SET = ["alexnet", "vgg11_bn", "googlenet", "resnet18", "resnext50_32x4d", "xception"]
