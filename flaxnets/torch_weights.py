@@ -105,7 +105,8 @@ _MAPPINGS: dict[str, Callable[[tuple[str, ...], ModelInfo], TorchName]] = {
     **{n: _densenet for n in ("densenet121", "densenet161", "densenet169", "densenet201")},
     "xception": _xception,
 }
-_HEADS = {"alexnet": "classifier.6", "vgg": "classifier.6", "densenet": "classifier"}
+# The flax path of each family's classifier (default ("fc",)); its PyTorch key follows from the mapping.
+_HEAD_PATHS = {"alexnet": ("classifier", "fc3"), "vgg": ("classifier", "fc3"), "densenet": ("classifier",)}
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 # Old torchvision DenseNet checkpoints name layers "norm.1" where the module is "norm1".
 _OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(weight|bias|running_mean|running_var)$")
@@ -169,7 +170,7 @@ def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
 
 def _model_for(name: str, state_dict: Mapping[str, Any], **overrides: Any):
     info, mapping = _mapping(name)
-    head = _HEADS.get(info.family, "fc")
+    head = mapping(_HEAD_PATHS.get(info.family, ("fc",)), info).prefix
     if "num_classes" not in overrides and f"{head}.weight" in state_dict:
         overrides["num_classes"] = int(state_dict[f"{head}.weight"].shape[0])
     if info.family == "googlenet" and "aux_logits" not in overrides:
@@ -196,6 +197,11 @@ def from_torch(name: str, state_dict: Mapping[str, Any], **overrides: Any) -> di
       ValueError: a state dict that does not fit; the message names the first missing,
         unexpected or mis-shaped key and the shapes.
     """
+    return _convert(name, state_dict, **overrides)[1]
+
+
+def _convert(name: str, state_dict: Mapping[str, Any], **overrides: Any):
+    """(model, variables) for a state dict; see :func:`from_torch`."""
     state = {_OLD_DENSENET_KEY.sub(r"\1\2.\3", k): v for k, v in state_dict.items()
              if not k.endswith("num_batches_tracked")}
     model, info, mapping = _model_for(name, state, **overrides)
@@ -223,7 +229,7 @@ def from_torch(name: str, state_dict: Mapping[str, Any], **overrides: Any) -> di
             f"{info.name}: state dict has no key {key!r} (expected for {'/'.join(path)}, shape {shape}; "
             f"{len(missing)} missing in all)"
         )
-    return variables
+    return model, variables
 
 
 def to_torch(name: str, variables: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -236,9 +242,8 @@ def to_torch(name: str, variables: Mapping[str, Any], **overrides: Any) -> dict[
 
     info, mapping = _mapping(name)
     params = variables["params"]
-    head = {"alexnet": ("classifier", "fc3"), "vgg": ("classifier", "fc3"), "densenet": ("classifier",)}
     node = params
-    for key in head.get(info.family, ("fc",)):
+    for key in _HEAD_PATHS.get(info.family, ("fc",)):
         node = node[key]
     overrides.setdefault("num_classes", int(np.shape(node["kernel"])[-1]))
     if info.family == "googlenet":
@@ -266,6 +271,4 @@ def load_pretrained(name: str, path: str, **overrides: Any):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    variables = from_torch(name, state, **overrides)
-    model, _, _ = _model_for(name, state, **overrides)
-    return model, variables
+    return _convert(name, state, **overrides)

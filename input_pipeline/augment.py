@@ -47,10 +47,9 @@ def resize_short_side(image: tf.Tensor, size, method: str = "bilinear") -> tf.Te
     return tf.image.resize(image, tf.maximum(new, size), method=method, antialias=method != "nearest")
 
 
-def random_resize_short_side(image: tf.Tensor, low: int, high: int, seed: tf.Tensor) -> tf.Tensor:
-    """Scale jittering: shorter side resized to S ~ U{low, ..., high} (VGG, ResNet)."""
-    size = tf.random.stateless_uniform([], seed, minval=low, maxval=high + 1, dtype=tf.int32)
-    return resize_short_side(image, size)
+def sample_short_side(low: int, high: int, seed: tf.Tensor) -> tf.Tensor:
+    """Scale jittering's target shorter side S ~ U{low, ..., high} (VGG, ResNet)."""
+    return tf.random.stateless_uniform([], seed, minval=low, maxval=high + 1, dtype=tf.int32)
 
 
 def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:

@@ -138,11 +138,3 @@ def global_batches(
             yield queue.popleft()
     while queue:
         yield queue.popleft()
-
-
-def input_size(model_name: str) -> int:
-    """The default input resolution of a flaxnets model (227, 224 or 299)."""
-    from flaxnets import model_info
-
-    return model_info(model_name).input_size
-

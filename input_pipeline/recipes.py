@@ -40,8 +40,7 @@ def _scaled(pixels: int, size: int) -> int:
 def _scale_jittered_crop(image_bytes, size, scale, scale_seed, crop_seed) -> tf.Tensor:
     """Shorter side rescaled to S ~ U{scale} (scaled for small crops), then a random ``size`` crop."""
     low, high = _scaled(scale[0], size), _scaled(scale[1], size)
-    short_side = tf.random.stateless_uniform([], scale_seed, minval=low, maxval=high + 1, dtype=tf.int32)
-    return aug.decode_and_rescaled_crop(image_bytes, size, short_side, crop_seed)
+    return aug.decode_and_rescaled_crop(image_bytes, size, aug.sample_short_side(low, high, scale_seed), crop_seed)
 
 
 def alexnet(image_bytes, seed, size: int = 224) -> tf.Tensor:
@@ -90,7 +89,7 @@ def inception_crop_flip(image_bytes, seed, size: int = 224) -> tf.Tensor:
 def scale_crop(image_bytes, seed, size: int = 224) -> tf.Tensor:
     """Light, mirror-free augmentation (digits, text): shorter side S ~ U[size, 8/7 size], random crop."""
     seeds = aug.split_seed(seed, 2)
-    short_side = tf.random.stateless_uniform([], seeds[0], minval=size, maxval=round(size * 8 / 7) + 1, dtype=tf.int32)
+    short_side = aug.sample_short_side(size, round(size * 8 / 7), seeds[0])
     return aug.normalize(aug.decode_and_rescaled_crop(image_bytes, size, short_side, seeds[1]) / 255.0)
 
 

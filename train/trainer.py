@@ -248,11 +248,11 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
 
 def _end_of_epoch(state, epoch, step, losses, recipe, jit_eval, evaluate, ckpt, reporter, is_main):
     """Evaluates, applies the plateau rule, records and checkpoints one finished epoch."""
-    result = evaluate(lambda s, b: jit_eval(s, b), state)
+    result = evaluate(jit_eval, state)
     record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
               "eval_top1": result["top1"], "eval_top5": result["top5"], "lr_scale": float(state.lr_scale)}
     if recipe.ema_decay is not None:
-        ema = evaluate(lambda s, b: jit_eval(s, b, use_ema=True), state)
+        ema = evaluate(functools.partial(jit_eval, use_ema=True), state)
         record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
     if recipe.plateau_patience > 0:
         state = _plateau(state, result["top1"], recipe)
