@@ -14,6 +14,7 @@ Quick start::
 # Importing the family modules registers their variants.
 from flaxnets import alexnet, densenet, googlenet, resnet, vgg, xception  # noqa: F401
 from flaxnets.convert import load_converted
+from flaxnets.dense import dense_logits
 from flaxnets.features import extract_features
 from flaxnets.registry import ModelInfo, create_model, list_models, model_info, register, resolve_name
 from flaxnets.summary import count_params, summarize
@@ -23,6 +24,7 @@ __all__ = [
     "ModelInfo",
     "count_params",
     "create_model",
+    "dense_logits",
     "extract_features",
     "from_torch",
     "list_models",

@@ -52,7 +52,8 @@ class AlexNet(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
+        """Logits of NHWC images; ``dense=True`` slides the FC layers over larger images (see VGG)."""
         conv = functools.partial(
             nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_WEIGHT_INIT
         )
@@ -78,17 +79,20 @@ class AlexNet(nn.Module):
             if i in (1, 2, 5):
                 x = max_pool(x, 3, 2)
             sow(self, "intermediates", f"stage{i}", x)
-        x = flatten(adaptive_avg_pool(x, 6))
-        sow(self, "intermediates", "pre_logits", x)
         head = MLPHead(
             hidden=(4096, 4096),
             num_classes=self.num_classes,
             dropout_rate=self.dropout_rate,
             kernel_init=_WEIGHT_INIT,
+            window=6,
             hidden_bias=1.0,
             dtype=self.dtype,
             name="classifier",
         )
+        if dense:
+            return head(x, train).mean(axis=(1, 2)).astype(jnp.float32)
+        x = flatten(adaptive_avg_pool(x, 6))
+        sow(self, "intermediates", "pre_logits", x)
         return head(x, train).astype(jnp.float32)
 
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from flaxnets.registry import create_model, resolve_name
 
-_META = "model.json"
+META_FILE = "model.json"
 _VARIABLES = "variables"
 
 
@@ -33,7 +33,7 @@ def save_converted(out_dir: str, name: str, variables: dict[str, Any], **options
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target, variables)
     checkpointer.wait_until_finished()
-    with open(os.path.join(out_dir, _META), "w") as f:
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump({"model": resolve_name(name), "options": options}, f, indent=2)
     return out_dir
 
@@ -47,10 +47,10 @@ def load_converted(directory: str) -> tuple[nn.Module, dict[str, Any]]:
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
-    meta_path = os.path.join(directory, _META)
+    meta_path = os.path.join(directory, META_FILE)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(
-            f"{directory} has no {_META}: not a flaxnets checkpoint (write one with `python -m flaxnets.convert`)"
+            f"{directory} has no {META_FILE}: not a flaxnets checkpoint (write one with `python -m flaxnets.convert`)"
         )
     with open(meta_path) as f:
         meta = json.load(f)

@@ -158,14 +158,58 @@ class ConvNormAct(nn.Module):
         return nn.relu(x) if self.relu else x
 
 
+class FullyConnected(nn.Module):
+    """A fully connected layer that can also slide over a feature map, for VGG's dense evaluation.
+
+    Its parameters are those of ``nn.Dense`` (``kernel`` of shape (in, out), ``bias``). On (N, in)
+    inputs it is ``nn.Dense``. On an NHWC feature map it is the equivalent VALID convolution: the
+    kernel read as (window, window, C, out), the order in which :func:`flatten` lays out a
+    ``window`` x ``window`` map, so on a map of exactly that size both forms give the same numbers.
+
+    Attributes:
+      features: outputs.
+      window: side of the feature map the flattened input came from (1 after another FC layer).
+      kernel_init: weight initialiser.
+      bias_init: bias initialiser.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    features: int
+    window: int = 1
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1] if x.ndim == 2 else self.window * self.window * x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if x.ndim == 2:
+            return x @ kernel + bias
+        if min(x.shape[1:3]) < self.window:
+            raise ValueError(f"dense evaluation slides a {self.window}x{self.window} window over the feature map, "
+                             f"but the map is {x.shape[1]}x{x.shape[2]}: use larger images")
+        kernel = kernel.reshape(self.window, self.window, x.shape[-1], self.features)
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
 class MLPHead(nn.Module):
     """AlexNet's and VGG's classifier: (FC -> ReLU -> dropout) per hidden width, then FC.
+
+    Given flattened features it returns logits; given the NHWC feature map itself it applies the
+    FC layers as convolutions (see :class:`FullyConnected`) and returns the class score map.
 
     Attributes:
       hidden: widths of the hidden FC layers, e.g. ``(4096, 4096)``.
       num_classes: output size.
       dropout_rate: dropout after each hidden layer (active only with ``train=True``).
       kernel_init: weight initialiser of every layer.
+      window: side of the feature map that is flattened into the first layer (VGG 7, AlexNet 6).
       hidden_bias: constant initial bias of the hidden layers (AlexNet uses 1).
       dtype: compute dtype.
     """
@@ -174,17 +218,19 @@ class MLPHead(nn.Module):
     num_classes: int
     dropout_rate: float
     kernel_init: Callable
+    window: int = 1
     hidden_bias: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=self.kernel_init)
+        dense = functools.partial(FullyConnected, dtype=self.dtype, kernel_init=self.kernel_init)
         for i, width in enumerate(self.hidden):
-            x = dense(width, bias_init=nn.initializers.constant(self.hidden_bias), name=f"fc{i + 1}")(x)
+            window = self.window if i == 0 else 1
+            x = dense(width, window, bias_init=nn.initializers.constant(self.hidden_bias), name=f"fc{i + 1}")(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return dense(self.num_classes, name=f"fc{len(self.hidden) + 1}")(x)
+        return dense(self.num_classes, 1 if self.hidden else self.window, name=f"fc{len(self.hidden) + 1}")(x)
 
 
 def flatten(x: jax.Array) -> jax.Array:

@@ -117,6 +117,27 @@ def torch_models() -> list[str]:
     return sorted(_MAPPINGS)
 
 
+def torch_counterpart(name: str, num_classes: int = 1000):
+    """A new, randomly initialised torchvision (or timm) model of the same architecture as ``name``.
+
+    ``googlenet_bn`` comes with its auxiliary heads and without ``transform_input``; ``xception``
+    is timm's ``legacy_xception``. Raises ``KeyError`` for models without a counterpart.
+    """
+    info, _ = _mapping(name)
+    if info.name == "xception":
+        import timm
+
+        return timm.create_model("legacy_xception", pretrained=False, num_classes=num_classes)
+    import torchvision
+
+    if info.name == "alexnet_owt":
+        return torchvision.models.alexnet(num_classes=num_classes)
+    if info.name == "googlenet_bn":
+        return torchvision.models.googlenet(num_classes=num_classes, aux_logits=True, init_weights=True,
+                                            transform_input=False)
+    return getattr(torchvision.models, info.name)(num_classes=num_classes)
+
+
 def _mapping(name: str) -> tuple[ModelInfo, Callable[[tuple[str, ...], ModelInfo], TorchName]]:
     info = model_info(name)
     if info.name not in _MAPPINGS:

@@ -65,7 +65,13 @@ class VGG(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
+        """Logits of NHWC images.
+
+        With ``dense=True`` (the paper's dense evaluation) the FC layers slide as convolutions
+        over the feature map of an image of any size of at least 224 px, and the class score map
+        is averaged; on a 224 px image this equals the plain forward pass.
+        """
         conv = functools.partial(
             nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init
         )
@@ -80,16 +86,19 @@ class VGG(nn.Module):
                     x = local_response_norm(x)
             x = max_pool(x, 2, 2)
             sow(self, "intermediates", f"stage{stage}", x)
-        x = flatten(adaptive_avg_pool(x, 7))
-        sow(self, "intermediates", "pre_logits", x)
         head = MLPHead(
             hidden=(4096, 4096),
             num_classes=self.num_classes,
             dropout_rate=self.dropout_rate,
             kernel_init=self.kernel_init,
+            window=7,
             dtype=self.dtype,
             name="classifier",
         )
+        if dense:
+            return head(x, train).mean(axis=(1, 2)).astype(jnp.float32)
+        x = flatten(adaptive_avg_pool(x, 7))
+        sow(self, "intermediates", "pre_logits", x)
         return head(x, train).astype(jnp.float32)
 
 

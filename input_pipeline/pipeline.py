@@ -92,7 +92,7 @@ def make_dataset(
             return {"image": image, "label": tf.cast(example["label"], tf.int32), "mask": True}
 
         ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.ignore_errors(log_warning=True).batch(local_batch).map(lambda b: _pad_batch(b, local_batch))
+        ds = ds.ignore_errors(log_warning=True).batch(local_batch).map(lambda b: pad_batch(b, local_batch))
         # Every process must yield the same number of batches (the steps are collective): pad
         # with fully masked batches up to the count of the largest shard.
         largest_shard = -(-source.num_examples // process_count)
@@ -106,7 +106,7 @@ def make_dataset(
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _pad_batch(batch: dict, size: int) -> dict:
+def pad_batch(batch: dict, size: int) -> dict:
     """Pads an incomplete evaluation batch to ``size``; padded examples have ``mask`` False."""
     missing = size - tf.shape(batch["label"])[0]
 

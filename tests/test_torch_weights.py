@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import flaxnets
-from flaxnets.torch_weights import from_torch, load_pretrained, to_torch, torch_models
+from flaxnets.torch_weights import from_torch, load_pretrained, to_torch, torch_counterpart, torch_models
 from tests.conftest import small_input
 
 FAST = {"alexnet_owt", "vgg11_bn", "googlenet_bn", "resnet18", "resnext50_32x4d", "densenet121", "xception"}
@@ -26,16 +26,7 @@ FEATURE_MODULES = {
 def torch_model(name: str) -> torch.nn.Module:
     """The torchvision/timm model of the same architecture, randomly initialised, eval mode."""
     torch.manual_seed(0)
-    if name == "xception":
-        import timm
-
-        model = timm.create_model("legacy_xception", pretrained=False)
-    elif name == "alexnet_owt":
-        model = torchvision.models.alexnet()
-    elif name == "googlenet_bn":
-        model = torchvision.models.googlenet(aux_logits=True, init_weights=True, transform_input=False)
-    else:
-        model = getattr(torchvision.models, name)()
+    model = torch_counterpart(name)
     # Random BN affine parameters and statistics, so a mix-up cannot hide behind identity BNs.
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

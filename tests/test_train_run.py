@@ -17,6 +17,7 @@ import pytest
 
 from input_pipeline.sources import load_source
 from train.__main__ import main
+from train.checkpoints import restore_newest
 from train.recipes import DEFAULT_RECIPE, get_recipe
 from train.trainer import RunConfig, TrainingError, run
 
@@ -38,16 +39,8 @@ def small_recipe(**changes):
 
 def final_params(workdir):
     """The params of the newest checkpoint in ``workdir``, as a flat {path: array} dict."""
-    last = os.path.join(workdir, "checkpoints", "last")
-    manager = ocp.CheckpointManager(last)
-    path = os.path.join(last, str(manager.latest_step()), "default")
-    manager.close()
-    # Restore onto this process's first device, whatever topology saved it.
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            checkpointer.metadata(path).item_metadata.tree)
-    return _flatten(checkpointer.restore(path, abstract)["params"])
+    _, tree = restore_newest(os.path.join(workdir, "checkpoints", "last"))
+    return _flatten(tree["params"])
 
 
 def _flatten(tree, prefix=""):

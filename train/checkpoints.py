@@ -50,3 +50,21 @@ class Checkpoints:
         """Finishes pending writes."""
         self.last.close()
         self.best.close()
+
+
+def restore_newest(manager_dir: str) -> tuple[int, Any] | None:
+    """The newest checkpoint under ``manager_dir`` (``.../checkpoints/last`` or ``best``) as nested dicts of
+    arrays on this process's first device, whatever device topology saved it; None if there is none."""
+    if not os.path.isdir(manager_dir):
+        return None
+    manager = ocp.CheckpointManager(manager_dir, item_handlers=ocp.StandardCheckpointHandler())
+    try:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                manager.item_metadata(step))
+        return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    finally:
+        manager.close()

@@ -84,3 +84,30 @@ class Reporter:
         fig.savefig(self.plot_path, dpi=100)
         plt.close(fig)
         return self.plot_path
+
+
+def plot_protocols(results: list[dict[str, Any]], path: str) -> str:
+    """Draws top-1 and top-5 of each evaluation protocol side by side into ``path`` (PNG); returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [f"{r['protocol']}\n({r['views']} views)" for r in results]
+    x = np.arange(len(results))
+    fig, ax = plt.subplots(figsize=(1.6 * len(results) + 2, 4))
+    for offset, key in ((-0.2, "top1"), (0.2, "top5")):
+        values = [100 * r[key] for r in results]
+        bars = ax.bar(x + offset, values, width=0.4, label=key.replace("top", "top-"))
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    low = min(100 * r["top1"] for r in results)
+    ax.set_ylim(max(0.0, low - 10), 100.5)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{results[0]['dataset']} {results[0]['split']}: {results[0]['count']} images")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -75,6 +76,16 @@ def select_devices(accelerator: str) -> list[jax.Device]:
     return devices
 
 
+RUN_INFO = "run.json"
+
+
+def eval_source(dataset: str, data_dir: str | None = None, download: bool = False) -> Source:
+    """The evaluation split of ``dataset``: ``validation`` (or ``test``) of a tfds name, ``val/`` of a folder."""
+    if os.path.isdir(dataset):
+        return _eval_split(os.path.join(dataset, "val"), None, False)
+    return _eval_split(dataset, data_dir, download)
+
+
 def _eval_split(source_name: str, data_dir: str | None, download: bool) -> Source:
     for split in ("validation", "test"):
         try:
@@ -88,9 +99,9 @@ def _eval_split(source_name: str, data_dir: str | None, download: bool) -> Sourc
 def _load_sources(recipe: Recipe, config: RunConfig) -> tuple[Source, Source]:
     if os.path.isdir(recipe.dataset):
         train = load_source(os.path.join(recipe.dataset, "train"))
-        return train, _eval_split(os.path.join(recipe.dataset, "val"), None, False)
-    train = load_source(recipe.dataset, "train", data_dir=config.data_dir, download=config.download)
-    return train, _eval_split(recipe.dataset, config.data_dir, config.download)
+    else:
+        train = load_source(recipe.dataset, "train", data_dir=config.data_dir, download=config.download)
+    return train, eval_source(recipe.dataset, config.data_dir, config.download)
 
 
 def build_model(recipe: Recipe, num_classes: int, precision: str):
@@ -179,6 +190,8 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
     ckpt = Checkpoints(config.workdir, keep=config.keep_checkpoints)
     is_main = jax.process_index() == 0
     reporter = Reporter(config.workdir, enabled=is_main)
+    if is_main:
+        _write_run_info(config, recipe, train_source.num_classes, image_size)
     if config.resume and ckpt.latest_step() is not None:
         state = ckpt.restore_latest(state)
         _say(is_main, f"resumed from step {int(state.step)} in {ckpt.last_dir}")
@@ -244,6 +257,14 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
                 break
     ckpt.close()
     return _summary(reporter, config, status, step, is_main)
+
+
+def _write_run_info(config: RunConfig, recipe: Recipe, num_classes: int, image_size: int) -> None:
+    """Records what was trained in ``run.json``, so ``python -m train.evaluate`` can rebuild the model."""
+    info = {"model": recipe.model, "dataset": recipe.dataset, "num_classes": num_classes, "image_size": image_size,
+            "precision": config.precision, "recipe": dataclasses.asdict(recipe)}
+    with open(os.path.join(config.workdir, RUN_INFO), "w") as f:
+        json.dump(info, f, indent=2)
 
 
 def _end_of_epoch(state, epoch, step, losses, recipe, jit_eval, evaluate, ckpt, reporter, is_main):

@@ -1,0 +1,286 @@
+"""``python -m train.evaluate --workdir DIR [--protocol center|10crop|144crop|dense|all] [--ensemble DIR ...]``
+
+Evaluates a trained model (its best or last checkpoint, raw or EMA weights) or weights converted
+by ``python -m flaxnets.convert`` with one of the papers' test protocols, alone or as an ensemble
+whose members' softmax probabilities are averaged (GoogLeNet's 7 models, VGG's D+E). Prints top-1
+and top-5 and writes them as JSON; ``--protocol all`` runs every protocol and draws them side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import flaxnets
+from flaxnets.convert import META_FILE
+from input_pipeline.sources import Source
+from train.checkpoints import restore_newest
+from train.protocols import PROTOCOLS, Protocol, crop_probabilities, dense_probabilities, get_protocol
+from train.trainer import RUN_INFO, eval_source
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run; the message says why (the CLI prints it alone)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One model of an evaluation, built and with its weights.
+
+    Attributes:
+      directory: the training workdir or converted-weights directory it came from.
+      model: the flax module.
+      variables: ``{"params"[, "batch_stats"]}``.
+      image_size: its training resolution (protocol sizes scale with it).
+      dataset: the data set it was trained on (None for converted weights).
+      source: which weights, e.g. ``best checkpoint, step 660, EMA``.
+      scale_jittered: trained with VGG's scale jitter (dense evaluation then uses larger scales).
+    """
+
+    directory: str
+    model: nn.Module
+    variables: dict[str, Any]
+    image_size: int
+    dataset: str | None
+    source: str
+    scale_jittered: bool = False
+
+
+def load_member(directory: str, checkpoint: str = "best", ema: bool = False, image_size: int | None = None) -> Member:
+    """Loads a training workdir (``run.json`` + ``checkpoints/``) or a ``flaxnets.convert`` directory.
+
+    Args:
+      directory: the directory.
+      checkpoint: ``best`` (highest eval top-1; falls back to ``last`` when absent) or ``last``.
+      ema: use the Polyak/EMA weights of a run trained with ``ema_decay``.
+      image_size: evaluate at this resolution instead of the training one (the registry's default
+        for converted weights).
+
+    Raises:
+      EvaluationError: not such a directory, or no checkpoint in it.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.isfile(os.path.join(directory, META_FILE)):
+        with open(os.path.join(directory, META_FILE)) as f:
+            name = json.load(f)["model"]
+        model, variables = flaxnets.load_converted(directory)
+        size = image_size or flaxnets.model_info(name).input_size
+        return Member(directory, model, variables, size, None, "converted weights")
+    info_path = os.path.join(directory, RUN_INFO)
+    if not os.path.isfile(info_path):
+        raise EvaluationError(f"{directory} has neither {RUN_INFO} (a `python -m train` workdir) nor {META_FILE} "
+                              "(a `python -m flaxnets.convert` output)")
+    with open(info_path) as f:
+        info = json.load(f)
+    if checkpoint not in ("best", "last"):
+        raise EvaluationError(f"--checkpoint must be best or last, not {checkpoint!r}")
+    found = None
+    for which in (checkpoint, "last"):
+        found = restore_newest(os.path.join(directory, "checkpoints", which))
+        if found is not None:
+            break
+    if found is None:
+        raise EvaluationError(f"no checkpoint in {os.path.join(directory, 'checkpoints')}: train first "
+                              f"(`python -m train --workdir {directory}`)")
+    step, state = found
+    params = state["ema_params"] if ema else state["params"]
+    variables = {"params": params, **({"batch_stats": state["batch_stats"]} if state.get("batch_stats") else {})}
+    dtype = jnp.bfloat16 if info["precision"] == "bf16" else jnp.float32
+    model = flaxnets.create_model(info["model"], num_classes=info["num_classes"], dtype=dtype)
+    label = f"{which} checkpoint, step {step}{', EMA' if ema else ''}"
+    jittered = info["recipe"].get("augmentation") == "vgg"
+    return Member(directory, model, variables, image_size or info["image_size"], info["dataset"], label, jittered)
+
+
+def _image_batches(source: Source, protocol: Protocol, size: int, scales, images_per_batch: int, limit):
+    """This process's examples as NumPy batches of views (padded, with ``mask``), or one image at a time for dense."""
+    from input_pipeline.pipeline import pad_batch
+    from train.protocols import normalized_views
+
+    ds = source.make(jax.process_index(), jax.process_count())
+    if limit:
+        ds = ds.take(limit)
+
+    def prepare(example):
+        views = normalized_views(protocol, example["image"], size, scales)
+        return {"views": tuple(views) if protocol.dense else views, "label": tf.cast(example["label"], tf.int32)}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not protocol.dense:
+        ds = ds.map(lambda e: {**e, "mask": True})
+        ds = ds.batch(images_per_batch).map(lambda b: pad_batch(b, images_per_batch))
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def member_probabilities(member: Member, protocol: Protocol, source: Source, *, scales=None,
+                         batch_views: int = 256, limit: int | None = None, progress: bool = True):
+    """The protocol's class probabilities of each of this process's examples, and their labels.
+
+    Returns ``(probabilities (N, classes) float32, labels (N,) int)`` in the order of the split.
+    Crop protocols run ``batch_views`` views per step, sharded over this process's devices;
+    dense evaluation runs one image at a time (compiling once per distinct image shape).
+    """
+    size, scales = member.image_size, protocol.scales(member.image_size, scales, member.scale_jittered)
+    num_views = protocol.num_views(size, scales)
+    devices = jax.local_devices()
+    per_batch = 1 if protocol.dense else max(1, batch_views // num_views)
+    per_batch = -(-per_batch // len(devices)) * len(devices)
+    total = min(limit or source.num_examples, -(-source.num_examples // jax.process_count()))
+    bar = _progress(progress, f"{os.path.basename(member.directory)} {protocol.name} ({num_views} views)", total)
+    probabilities, labels = [], []
+    if protocol.dense:
+        variables = jax.device_put(member.variables, devices[0])
+        apply = jax.jit(functools.partial(flaxnets.dense_logits, member.model))
+        for example in _image_batches(source, protocol, size, scales, 1, limit):
+            pairs = [np.concatenate(example["views"][i:i + 2]) for i in range(0, len(example["views"]), 2)]
+            probabilities.append(np.asarray(dense_probabilities(member.model, variables, pairs, apply))[None])
+            labels.append(example["label"][None])
+            _advance(bar, 1)
+    else:
+        mesh = Mesh(np.array(devices), ("data",))
+        variables = jax.device_put(member.variables, NamedSharding(mesh, PartitionSpec()))
+        data = NamedSharding(mesh, PartitionSpec("data"))
+        step = jax.jit(functools.partial(crop_probabilities, member.model))
+        for batch in _image_batches(source, protocol, size, scales, per_batch, limit):
+            probs = np.asarray(step(variables, jax.device_put(batch["views"], data)))
+            probabilities.append(probs[batch["mask"]])
+            labels.append(batch["label"][batch["mask"]])
+            _advance(bar, int(batch["mask"].sum()))
+    if bar is not None:
+        bar.close()
+    if not labels:
+        raise EvaluationError(f"{source.name} {source.split} gave no examples to this process")
+    return np.concatenate(probabilities).astype(np.float32), np.concatenate(labels)
+
+
+def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1/top-5 of (N, classes) scores over all processes; ``count`` is the number of examples."""
+    k = min(5, probabilities.shape[1])
+    top5 = np.argsort(-probabilities, axis=1)[:, :k]
+    counts = np.array([np.sum(top5[:, 0] == labels), np.sum(np.any(top5 == labels[:, None], axis=1)), len(labels)])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
+    return {"top1": float(counts[0] / max(counts[2], 1)), "top5": float(counts[1] / max(counts[2], 1)),
+            "count": int(counts[2])}
+
+
+def evaluate(members: list[Member], protocol_name: str, source: Source, *, scales=None, batch_views: int = 256,
+             limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluates ``members`` (one model, or an ensemble) with a protocol on ``source``.
+
+    The ensemble's prediction is the mean of its members' probabilities, each already averaged
+    over the views. Returns top-1/top-5 of the ensemble and of each member, and what was run.
+    """
+    protocol = get_protocol(protocol_name)
+    classes = {m.model.num_classes for m in members}
+    if len(classes) > 1 or classes != {source.num_classes}:
+        raise EvaluationError(f"the models have {sorted(classes)} classes but {source.name} has {source.num_classes}")
+    start, total, labels, per_member = time.perf_counter(), None, None, []
+    for member in members:
+        probs, member_labels = member_probabilities(member, protocol, source, scales=scales, batch_views=batch_views,
+                                                    limit=limit, progress=progress)
+        if labels is not None and not np.array_equal(labels, member_labels):
+            raise EvaluationError("the ensemble's members saw different examples")
+        labels, total = member_labels, probs if total is None else total + probs
+        per_member.append({"directory": member.directory, "weights": member.source, **accuracy(probs, labels)})
+    result = accuracy(total / len(members), labels)
+    first = members[0]
+    first_scales = protocol.scales(first.image_size, scales, first.scale_jittered)
+    return {"protocol": protocol.name, "description": protocol.description,
+            "views": protocol.num_views(first.image_size, first_scales), "scales": list(first_scales),
+            "image_size": first.image_size,
+            "dataset": source.name, "split": source.split, **result, "members": per_member,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _progress(enabled: bool, desc: str, total: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False)
+
+
+def _advance(bar, n: int) -> None:
+    if bar is not None:
+        bar.update(n)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--workdir", required=True, help="a `python -m train` workdir or a `python -m flaxnets.convert` output")
+    add("--protocol", default="center", choices=[*PROTOCOLS, "all"], help="test protocol (all: each in turn, and a PNG)")
+    add("--ensemble", nargs="+", default=[], metavar="DIR", help="more models whose probabilities are averaged in")
+    add("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a workdir")
+    add("--ema", action="store_true", help="evaluate the Polyak/EMA weights")
+    add("--image-size", type=int, help="evaluate at this crop size (default: each model's training size)")
+    add("--scales", help="comma-separated shorter sides overriding the protocol's (e.g. 256,384,512)")
+    add("--dataset", help="data set (default: the one the model was trained on; needed for converted weights)")
+    add("--data-dir", help="tensorflow-datasets data directory")
+    add("--download", action="store_true", help="let tfds download a data set that is not prepared")
+    add("--batch-views", type=int, default=256, help="views per device step (crop protocols)")
+    add("--limit", type=int, help="evaluate only the first N examples (of each process)")
+    add("--accelerator", choices=("cpu", "gpu", "tpu"), help="platform to run on (default: JAX's default)")
+    add("--out", help="JSON output path (default: DIR/eval_<protocol>.json)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 done, 1 error)."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from input_pipeline.sources import BadImageError, DatasetNotReadyError
+    from train.report import plot_protocols
+
+    try:
+        if args.accelerator:
+            jax.config.update("jax_platforms", args.accelerator if args.accelerator != "gpu" else "cuda")
+        scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
+        members = [load_member(d, args.checkpoint, args.ema, args.image_size) for d in [args.workdir, *args.ensemble]]
+        dataset = args.dataset or members[0].dataset or "imagenet2012"
+        source = eval_source(dataset, args.data_dir, args.download)
+        names = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+        results = []
+        for name in names:
+            result = evaluate(members, name, source, scales=scales, batch_views=args.batch_views, limit=args.limit,
+                              progress=not args.no_progress)
+            results.append(result)
+            if jax.process_index() == 0:
+                print(f"{name:8s} {result['views']:4d} views  top-1 {100 * result['top1']:6.2f}%  top-5 "
+                      f"{100 * result['top5']:6.2f}%  ({result['count']} images, {len(members)} model(s), "
+                      f"{result['seconds']:.0f}s)", flush=True)
+    except (KeyError, ValueError, EvaluationError, DatasetNotReadyError, BadImageError, FileNotFoundError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        suffix = f"_ensemble{len(members)}" if len(members) > 1 else ""
+        out = args.out or os.path.join(members[0].directory, f"eval_{args.protocol}{suffix}.json")
+        with open(out, "w") as f:
+            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
+        written = [out]
+        if len(results) > 1:
+            written.append(plot_protocols(results, os.path.splitext(out)[0] + ".png"))
+        print(f"wrote {', '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

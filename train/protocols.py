@@ -1,0 +1,126 @@
+"""The papers' test protocols: which views of each image a model sees, and how scores are combined.
+
+Every protocol turns one encoded image into views (``input_pipeline.views``), runs the model on
+each, and averages the softmax probabilities over the views (never the logits). Sizes are given
+for a 224 px model and scaled to the model's own training resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import tensorflow as tf
+
+import flaxnets
+from input_pipeline import augment as aug
+from input_pipeline import views
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """A test protocol.
+
+    Attributes:
+      name: command-line name.
+      description: what it does and whose paper it comes from.
+      make_views: ``(encoded image, size, scales) -> views``: a (V, size, size, 3) tensor, or for
+        ``dense`` a list of (1, H, W, 3) tensors of different shapes; on the 0-255 scale.
+      default_scales: the paper's shorter-side sizes for a 224 px model (empty when unused).
+      jittered_scales: the sizes for a model trained with scale jitter, where the paper differs.
+      dense: the views are whole images that the model scores fully convolutionally.
+    """
+
+    name: str
+    description: str
+    make_views: Callable[..., tf.Tensor | list[tf.Tensor]]
+    default_scales: tuple[int, ...] = ()
+    jittered_scales: tuple[int, ...] = ()
+    dense: bool = False
+
+    def scales(self, size: int, scales: tuple[int, ...] | None = None, jittered: bool = False) -> tuple[int, ...]:
+        """The shorter-side sizes for a ``size`` px model: ``scales`` if given, else the paper's, rescaled."""
+        if scales:
+            return tuple(scales)
+        paper = self.jittered_scales if jittered and self.jittered_scales else self.default_scales
+        return tuple(round(q * size / 224) for q in paper)
+
+    def num_views(self, size: int = 224, scales: tuple[int, ...] = ()) -> int:
+        """Views per image at the given scales (the paper's for a fixed-scale model when empty)."""
+        image = tf.io.encode_png(tf.zeros([size * 5 // 4, size * 3 // 2, 3], tf.uint8))
+        out = self.make_views(image, size, scales or self.scales(size))
+        return len(out) if isinstance(out, list) else int(out.shape[0])
+
+
+def _center(image_bytes, size, scales):
+    # The transform of the evaluation during training, so that both report the same figure.
+    return aug.decode_and_rescaled_crop(image_bytes, size, size / 0.875)[None]
+
+
+def _ten_crop(image_bytes, size, scales):
+    return views.ten_crop(aug.decode(image_bytes), size, scales[0])
+
+
+def _googlenet(image_bytes, size, scales):
+    return views.googlenet_144(aug.decode(image_bytes), size, scales)
+
+
+def _dense(image_bytes, size, scales):
+    return views.dense_views(aug.decode(image_bytes), scales)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in (
+        Protocol("center", "one centre crop of the image resized to size/0.875 (the training-time eval)", _center),
+        Protocol("10crop", "AlexNet/ResNet: 4 corners + centre of the image at 256, and their mirrors",
+                 _ten_crop, (256,)),
+        Protocol("144crop", "GoogLeNet: 4 scales x 3 squares x (5 crops + the square) x 2 mirrors",
+                 _googlenet, (256, 288, 320, 352)),
+        # VGG tests a model trained at a fixed scale S (256 for 224 crops) at Q = S-32, S, S+32,
+        # and one trained with S jittered in [256, 512] at Q = 256, 384, 512.
+        Protocol("dense", "VGG: the whole image at 3 scales (Q = S-32, S, S+32, or 256/384/512 after scale "
+                          "jitter) and mirrored, scored fully convolutionally",
+                 _dense, (224, 256, 288), (256, 384, 512), dense=True),
+    )
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    """The protocol called ``name``; raises ``KeyError`` listing the valid names."""
+    if name not in PROTOCOLS:
+        raise KeyError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def normalized_views(protocol: Protocol, image_bytes: tf.Tensor, size: int, scales: tuple[int, ...]):
+    """The protocol's views of one encoded image, normalised as the models expect."""
+    out = protocol.make_views(image_bytes, size, scales)
+    if isinstance(out, list):
+        return [aug.normalize(view / 255.0) for view in out]
+    return aug.normalize(out / 255.0)
+
+
+def mean_probabilities(logits: jax.Array, axis: int) -> jax.Array:
+    """Softmax over classes, then the mean over ``axis`` (views or models): probabilities, not logits."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).mean(axis=axis)
+
+
+def crop_probabilities(model: nn.Module, variables, views_batch: jax.Array) -> jax.Array:
+    """(B, V, H, W, 3) views -> (B, classes) probabilities averaged over each image's V views."""
+    b, v = views_batch.shape[:2]
+    logits = model.apply(variables, views_batch.reshape(b * v, *views_batch.shape[2:]), train=False)
+    return mean_probabilities(logits.reshape(b, v, -1), axis=1)
+
+
+def dense_probabilities(model: nn.Module, variables, scale_views: list[jax.Array], apply=None) -> jax.Array:
+    """Probabilities of one image from its dense views (a list of (n, H, W, 3), sizes differing).
+
+    ``apply`` is ``flaxnets.dense_logits`` (or a jitted form of it taking ``(variables, images)``).
+    """
+    apply = apply or (lambda variables, images: flaxnets.dense_logits(model, variables, images))
+    logits = jnp.concatenate([apply(variables, views) for views in scale_views])
+    return mean_probabilities(logits, axis=0)
