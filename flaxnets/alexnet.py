@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import MLPHead, adaptive_avg_pool, flatten, local_response_norm, max_pool, sow
+from flaxnets.layers import Conv, MLPHead, adaptive_avg_pool, flatten, local_response_norm, max_pool, sow
 from flaxnets.registry import register
 
 # The paper's init: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers
@@ -55,7 +55,7 @@ class AlexNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
         """Logits of NHWC images; ``dense=True`` slides the FC layers over larger images (see VGG)."""
         conv = functools.partial(
-            nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_WEIGHT_INIT
+            Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_WEIGHT_INIT
         )
         kernels, strides = (11, 5, 3, 3, 3), (4, 1, 1, 1, 1)
         paddings = (self.stem_padding, 2, 1, 1, 1)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flaxnets.layers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Conv,
     ConvNormAct,
     ModuleFactory,
     adaptive_avg_pool,
@@ -150,7 +151,7 @@ class GoogLeNet(nn.Module):
         if self.batch_norm:
             # He init: the BN layers take care of the scale.
             conv = functools.partial(
-                nn.Conv, use_bias=False, kernel_init=nn.initializers.he_normal(),
+                Conv, use_bias=False, kernel_init=nn.initializers.he_normal(),
                 dtype=self.dtype, param_dtype=self.param_dtype,
             )
             norm = batch_norm(train, self.dtype, epsilon=self.bn_epsilon, param_dtype=self.param_dtype)
@@ -158,7 +159,7 @@ class GoogLeNet(nn.Module):
             # Without BN a 22-layer plain net needs a scale-aware init: Xavier with bias 0.2, as in
             # the BVLC reproduction of the paper.
             conv = functools.partial(
-                nn.Conv, kernel_init=nn.initializers.xavier_uniform(),
+                Conv, kernel_init=nn.initializers.xavier_uniform(),
                 bias_init=nn.initializers.constant(0.2),
                 dtype=self.dtype, param_dtype=self.param_dtype,
             )

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxnets.layers import (
+    Conv,
     ConvNormAct,
     MLPHead,
     adaptive_avg_pool,
@@ -73,7 +74,7 @@ class VGG(nn.Module):
         is averaged; on a 224 px image this equals the plain forward pass.
         """
         conv = functools.partial(
-            nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init
+            Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init
         )
         norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype) if self.batch_norm else None
         x = x.astype(self.dtype)

@@ -2,10 +2,12 @@
 
 import math
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
-from flaxnets.layers import adaptive_avg_pool, avg_pool, global_avg_pool, local_response_norm, max_pool
+from flaxnets.layers import Conv, adaptive_avg_pool, avg_pool, global_avg_pool, local_response_norm, max_pool
 
 RNG = np.random.default_rng(0)
 
@@ -85,3 +87,30 @@ def test_adaptive_avg_pool_matches_definition(size, out):
 def test_global_avg_pool():
     x = RNG.normal(size=(2, 5, 3, 4)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(global_avg_pool(x)), x.mean(axis=(1, 2)), rtol=1e-5)
+
+
+def test_max_pool_gradient_matches_torch():
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(2, 13, 13, 4)).astype(np.float32)  # no ties
+    for stride, pad, ceil_mode in ((2, 1, False), (2, 0, True), (1, 1, True)):
+        grad = jax.grad(lambda v: (max_pool(v, 3, stride, pad, ceil_mode) ** 2).sum())(x)
+        t = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+        (torch.nn.functional.max_pool2d(t, 3, stride, pad, ceil_mode=ceil_mode) ** 2).sum().backward()
+        np.testing.assert_allclose(grad, t.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 1), (3, 1, 1), (1, 1, 2)])
+def test_conv_matches_lax_convolution_with_gradients(kernel, stride, groups):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
+    conv = Conv(6, (kernel, kernel), strides=stride, padding=kernel // 2, feature_group_count=groups)
+    variables = conv.init(jax.random.key(1), x)
+    reference = nn.Conv(6, (kernel, kernel), strides=stride, padding=kernel // 2, feature_group_count=groups)
+
+    def loss(module, v, inputs):
+        return (module.apply(v, inputs) ** 2).sum()
+
+    np.testing.assert_allclose(conv.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(conv, variables, x)),
+                            jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(reference, variables, x))):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
