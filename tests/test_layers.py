@@ -4,6 +4,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -114,3 +115,13 @@ def test_conv_matches_lax_convolution_with_gradients(kernel, stride, groups):
     for ours, theirs in zip(jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(conv, variables, x)),
                             jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(reference, variables, x))):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", 0])
+def test_pointwise_convs_run_as_matrix_products(padding):
+    x = jnp.ones((2, 8, 8, 16))
+    conv = Conv(32, (1, 1), strides=2, padding=padding)  # "SAME" is flax's default
+    variables = conv.init(jax.random.key(0), x)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(conv.apply)(variables, x))
+    np.testing.assert_allclose(conv.apply(variables, x), nn.Conv(32, (1, 1), strides=2, padding=padding).apply(
+        variables, x), rtol=1e-5, atol=1e-5)
