@@ -18,10 +18,12 @@ import jax.numpy as jnp
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
-def _strided_taps(x: jax.Array, kernel_hw: tuple[int, int], strides, padding):
-    """The kernel taps' strided views of the padded NHWC input: [(i, j, view)], each (N, H', W', C)."""
+def strided_taps(x: jax.Array, kernel_hw: tuple[int, int], strides, padding, pad_value: float = 0.0):
+    """The strided views of the padded NHWC input that each kernel tap (i, j) sees:
+    [(i, j, view)], each view (N, H', W', C). ``padding`` is ((top, bottom), (left, right))."""
     n, _, _, channels = x.shape
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    if any(p != (0, 0) for p in padding):
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=pad_value)
     (kh, kw), (sh, sw) = kernel_hw, strides
     out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
     return [(i, j, jax.lax.slice(x, (0, i, j, 0), (n, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
@@ -32,7 +34,7 @@ def _strided_taps(x: jax.Array, kernel_hw: tuple[int, int], strides, padding):
 def _grouped_conv_as_matmuls(x: jax.Array, kernel: jax.Array, strides, padding, groups: int) -> jax.Array:
     """A grouped NHWC convolution written as patches times a per-group kernel (a batched matmul)."""
     kh, kw, _, features = kernel.shape
-    taps = _strided_taps(x, (kh, kw), strides, padding)
+    taps = strided_taps(x, (kh, kw), strides, padding)
     n, out_h, out_w, channels = taps[0][2].shape
     patches = jnp.stack([view for _, _, view in taps], axis=3).reshape(n, out_h, out_w, kh * kw, groups, -1)
     kernel = kernel.reshape(kh * kw, channels // groups, groups, features // groups)
@@ -46,7 +48,7 @@ def _grouped_conv_as_sums(x: jax.Array, kernel: jax.Array, strides, padding, gro
     per_out = features // groups
     kernel = kernel.reshape(kh, kw, per_group, groups, per_out)
     out = None
-    for i, j, view in _strided_taps(x, (kh, kw), strides, padding):
+    for i, j, view in strided_taps(x, (kh, kw), strides, padding):
         view = view.reshape(*view.shape[:3], groups, per_group)
         for c in range(per_group):
             term = view[..., c:c + 1] * kernel[i, j, c]

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.conv import Conv
+from flaxnets.conv import Conv, strided_taps
 
 ModuleFactory = Callable[..., nn.Module]
 
@@ -67,18 +67,9 @@ def max_pool(
     expands ``reduce_window``'s gradient into a scatter about 10x slower. (Exact ties split the
     gradient between the tied inputs; after a ReLU those are zeros, whose gradient is zero anyway.)
     """
-    (top, bottom), (left, right) = (_pool_padding(x.shape[axis], window, stride, padding, ceil_mode)
-                                    for axis in (1, 2))
-    if top or bottom or left or right:
-        x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-jnp.inf)
-    out_h, out_w = ((x.shape[axis] - window) // stride + 1 for axis in (1, 2))
-    out = None
-    for i in range(window):
-        for j in range(window):
-            limit = (x.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, x.shape[3])
-            view = jax.lax.slice(x, (0, i, j, 0), limit, (1, stride, stride, 1))
-            out = view if out is None else jnp.maximum(out, view)
-    return out
+    pads = tuple(_pool_padding(x.shape[axis], window, stride, padding, ceil_mode) for axis in (1, 2))
+    views = [view for _, _, view in strided_taps(x, (window, window), (stride, stride), pads, -jnp.inf)]
+    return functools.reduce(jnp.maximum, views)
 
 
 def avg_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:

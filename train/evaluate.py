@@ -26,9 +26,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flaxnets
 from flaxnets.convert import META_FILE
+from input_pipeline.pipeline import pad_batch
 from input_pipeline.sources import Source
 from train.checkpoints import restore_newest
-from train.protocols import PROTOCOLS, Protocol, crop_probabilities, dense_probabilities, get_protocol
+from train.protocols import (PROTOCOLS, Protocol, crop_probabilities, dense_probabilities, get_protocol,
+                             normalized_views)
 from train.trainer import RUN_INFO, eval_source
 
 
@@ -107,9 +109,6 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
 
 def _image_batches(source: Source, protocol: Protocol, size: int, scales, images_per_batch: int, limit):
     """This process's examples as NumPy batches of views (padded, with ``mask``), or one image at a time for dense."""
-    from input_pipeline.pipeline import pad_batch
-    from train.protocols import normalized_views
-
     ds = source.make(jax.process_index(), jax.process_count())
     if limit:
         ds = ds.take(limit)
@@ -146,7 +145,7 @@ def member_probabilities(member: Member, protocol: Protocol, source: Source, *, 
         apply = jax.jit(functools.partial(flaxnets.dense_logits, member.model))
         for example in _image_batches(source, protocol, size, scales, 1, limit):
             pairs = [np.concatenate(example["views"][i:i + 2]) for i in range(0, len(example["views"]), 2)]
-            probabilities.append(np.asarray(dense_probabilities(member.model, variables, pairs, apply))[None])
+            probabilities.append(np.asarray(dense_probabilities(apply, variables, pairs))[None])
             labels.append(example["label"][None])
             _advance(bar, 1)
     else:

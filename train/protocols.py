@@ -8,6 +8,7 @@ for a 224 px model and scaled to the model's own training resolution.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -15,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import tensorflow as tf
 
-import flaxnets
 from input_pipeline import augment as aug
 from input_pipeline import views
 
@@ -48,6 +48,7 @@ class Protocol:
         paper = self.jittered_scales if jittered and self.jittered_scales else self.default_scales
         return tuple(round(q * size / 224) for q in paper)
 
+    @functools.lru_cache(maxsize=None)  # it builds the views of a blank image; asked for per member
     def num_views(self, size: int = 224, scales: tuple[int, ...] = ()) -> int:
         """Views per image at the given scales (the paper's for a fixed-scale model when empty)."""
         image = tf.io.encode_png(tf.zeros([size * 5 // 4, size * 3 // 2, 3], tf.uint8))
@@ -116,11 +117,11 @@ def crop_probabilities(model: nn.Module, variables, views_batch: jax.Array) -> j
     return mean_probabilities(logits.reshape(b, v, -1), axis=1)
 
 
-def dense_probabilities(model: nn.Module, variables, scale_views: list[jax.Array], apply=None) -> jax.Array:
+def dense_probabilities(apply: Callable, variables, scale_views: list[jax.Array]) -> jax.Array:
     """Probabilities of one image from its dense views (a list of (n, H, W, 3), sizes differing).
 
-    ``apply`` is ``flaxnets.dense_logits`` (or a jitted form of it taking ``(variables, images)``).
+    ``apply(variables, images)`` gives the class scores of whole images, e.g. a jitted
+    ``functools.partial(flaxnets.dense_logits, model)``.
     """
-    apply = apply or (lambda variables, images: flaxnets.dense_logits(model, variables, images))
     logits = jnp.concatenate([apply(variables, views) for views in scale_views])
     return mean_probabilities(logits, axis=0)
