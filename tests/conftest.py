@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 import sys
 import types
 
@@ -13,6 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import flaxnets  # noqa: E402
@@ -35,3 +37,14 @@ def init_small(name: str, num_classes: int = 10):
     x = small_input(name)
     variables = jax.jit(model.init)(jax.random.key(0), x)
     return model, variables, x
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh FLAXNETS_HOME, online, with no proxy in the way of 127.0.0.1."""
+    monkeypatch.setenv("FLAXNETS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FLAXNETS_OFFLINE", raising=False)
+    monkeypatch.delenv("FLAXNETS_MIRROR", raising=False)
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    return tmp_path / "home"
