@@ -65,6 +65,21 @@ def test_process_shards_are_disjoint_and_complete(digits):
     np.testing.assert_array_equal(order(together), order(whole))
 
 
+def test_training_global_batches_are_identical_on_any_process_count(digits):
+    """Process i of n holds rows i, i+n, ... of each global batch, bit for bit, augmentation included."""
+    make = lambda index, count: _first(make_dataset(
+        digits["train"], batch_size=16, train=True, recipe="resnet", image_size=16, seed=3,
+        process_index=index, process_count=count), n=3)
+    whole = make(0, 1)
+    for count in (2, 4):
+        shards = [make(index, count) for index in range(count)]
+        for step, batch in enumerate(whole):
+            for index, shard in enumerate(shards):
+                assert shard[step]["image"].shape == (16 // count, 16, 16, 3)
+                np.testing.assert_array_equal(shard[step]["image"], batch["image"][index::count])
+                np.testing.assert_array_equal(shard[step]["label"], batch["label"][index::count])
+
+
 def test_an_undecodable_example_is_skipped_not_fatal(tmp_path):
     from PIL import Image
 

@@ -135,18 +135,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_sharded_and_multi_process_training_follow_one_trajectory(tmp_path, data_dir):
+def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_dir):
+    """1, 2 and 4 devices and 2 processes take the same first step; 2 processes resume together.
+
+    Only the first step is compared tightly, where differences are float32 rounding: the loss
+    (the same examples, augmented alike) and the classifier's update (its gradient is a plain
+    matrix product). The deeper layers' gradients pass through BatchNorm's backward pass, which
+    on these tiny images amplifies summation-order noise to ~0.3% of the step (seen here with
+    this seed), and later steps grow it tenfold per step; a topology that mis-scales or
+    mis-averages its gradients is off by 50% or more there.
+    """
     common = ["--data-dir", data_dir, "--no-progress", "--epochs", "2", "--set", "image_size=16",
-              "--set", "batch_size=64", "--log-every", "1"]
-    procs = {f"devices{n}": _python([*common, "--workdir", str(tmp_path / f"devices{n}"), "--max-steps", "4"],
+              "--set", "batch_size=64", "--set", "warmup_epochs=0", "--log-every", "1"]
+    procs = {f"devices{n}": _python([*common, "--workdir", str(tmp_path / f"devices{n}"), "--max-steps", "1"],
                                     devices=n) for n in (1, 2, 4)}
     outputs = {name: p.communicate(timeout=600) for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, outputs[name][1][-2000:]
 
-    # Two processes with one device each: 2 steps, then both resume from the shared checkpoint to 4.
-    workdir = str(tmp_path / "multihost")
-    for max_steps in (2, 4):
+    def two_processes(workdir, max_steps):
         port = _free_port()
         pair = [_python([*common, "--workdir", workdir, "--max-steps", str(max_steps),
                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)])
@@ -155,27 +162,33 @@ def test_sharded_and_multi_process_training_follow_one_trajectory(tmp_path, data
         for p, (out, err) in zip(pair, results):
             assert p.returncode == 0, err[-3000:]
         assert "training resnet18" in results[0][0] and "training" not in results[1][0]  # only process 0 logs
-        assert ("resumed from step 2" in results[0][0]) == (max_steps == 4)
+        return results[0][0]
 
-    # The same loss at every step. Summation order differs with the device count, and the first
-    # steps of a BN ResNet on small batches amplify that float noise about tenfold per step (seen
-    # here: equal to 1e-5 for 4 steps, a few % apart by step 6 on 4 devices), so 4 steps are compared.
     def losses(path):
         return [json.loads(line)["loss"] for line in open(os.path.join(path, "train_log.jsonl"))]
 
-    reference_losses = losses(str(tmp_path / "devices1"))
-    assert len(reference_losses) == 4
+    multihost = str(tmp_path / "multihost")
+    two_processes(multihost, 1)
     init = _initial_params()
     reference = final_params(str(tmp_path / "devices1"))
-    moved = np.concatenate([(reference[k] - init[k]).ravel() for k in sorted(reference)])
-    assert np.linalg.norm(moved) > 0.1
+    moved = {k: reference[k] - init[k] for k in reference}
+    assert np.linalg.norm(np.concatenate([m.ravel() for m in moved.values()])) > 0.1
     for name in ("devices2", "devices4", "multihost"):
-        path = workdir if name == "multihost" else str(tmp_path / name)
-        np.testing.assert_allclose(losses(path), reference_losses, rtol=2e-3, err_msg=name)
+        path = str(tmp_path / name)
+        np.testing.assert_allclose(losses(path), losses(str(tmp_path / "devices1")), rtol=1e-5, err_msg=name)
         other = final_params(path)
         assert other.keys() == reference.keys()
-        gap = np.concatenate([(other[k] - reference[k]).ravel() for k in sorted(reference)])
-        assert np.linalg.norm(gap) / np.linalg.norm(moved) < 0.05, name
+
+        def relative_gap(keys):
+            gap = np.concatenate([(other[k] - reference[k]).ravel() for k in keys])
+            return np.linalg.norm(gap) / np.linalg.norm(np.concatenate([moved[k].ravel() for k in keys]))
+
+        assert relative_gap(["/fc/kernel", "/fc/bias"]) < 1e-4, name  # seen: 1e-6
+        assert relative_gap(sorted(reference)) < 0.03, name  # seen: 0.003
+
+    # Both processes resume from their shared checkpoint and go on.
+    assert "resumed from step 1" in two_processes(multihost, 2)
+    assert len(losses(multihost)) == 2 and np.isfinite(losses(multihost)).all()
 
 
 def _initial_params():
