@@ -19,7 +19,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import Conv, MLPHead, adaptive_avg_pool, flatten, local_response_norm, max_pool, sow
+from flaxnets.layers import (
+    Conv,
+    MLPHead,
+    Window,
+    adaptive_avg_pool,
+    check_images,
+    flatten,
+    local_response_norm,
+    max_pool,
+    smallest_input,
+    sow,
+)
 from flaxnets.registry import register
 
 # The paper's init: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers
@@ -54,6 +65,7 @@ class AlexNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
         """Logits of NHWC images; ``dense=True`` slides the FC layers over larger images (see VGG)."""
+        check_images(x, self, dense=dense)
         conv = functools.partial(
             Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_WEIGHT_INIT
         )
@@ -94,6 +106,16 @@ class AlexNet(nn.Module):
         x = flatten(adaptive_avg_pool(x, 6))
         sow(self, "intermediates", "pre_logits", x)
         return head(x, train).astype(jnp.float32)
+
+    @nn.nowrap
+    def min_input_size(self, train: bool = True, dense: bool = False) -> tuple[int, str]:
+        """The smallest square input side, and why: the stem and three 3x3/2 max pools must fit (and
+        in dense evaluation the first FC layer, slid as a 6x6 window over the last feature map)."""
+        windows = (Window(11, 4, self.stem_padding), Window(3, 2), Window(3, 2), Window(3, 2))
+        if dense:
+            return smallest_input((*windows, Window(6))), "dense evaluation slides its FC layers as a 6x6 window"
+        stem = "11x11/4 stem" if self.stem_padding else "unpadded 11x11/4 stem"
+        return smallest_input(windows), f"its {stem} and three 3x3/2 max pools"
 
 
 register("alexnet", AlexNet, family="alexnet", input_size=227)

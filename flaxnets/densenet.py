@@ -13,7 +13,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import ModuleFactory, avg_pool, batch_norm, bias_free_conv, global_avg_pool, max_pool, sow
+from flaxnets.layers import (
+    ModuleFactory,
+    Window,
+    avg_pool,
+    batch_norm,
+    bias_free_conv,
+    check_images,
+    global_avg_pool,
+    max_pool,
+    smallest_input,
+    sow,
+)
 from flaxnets.registry import register
 
 
@@ -73,6 +84,7 @@ class DenseNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, self)
         conv = bias_free_conv(self.dtype, self.param_dtype)
         norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype)
 
@@ -96,6 +108,13 @@ class DenseNet(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name="classifier",
         )(x)
         return x.astype(jnp.float32)
+
+    @nn.nowrap
+    def min_input_size(self, train: bool = True, dense: bool = False) -> tuple[int, str]:
+        """The smallest square input side, and why: the unpadded 2x2/2 transition pools must fit."""
+        transitions = len(self.block_sizes) - 1
+        windows = (Window(7, 2, 3), Window(3, 2, 1), *[Window(2, 2)] * transitions)
+        return smallest_input(windows), f"its stride-4 stem and {transitions} unpadded 2x2/2 average-pool transitions"
 
 
 _VARIANTS: dict[str, dict[str, Any]] = {

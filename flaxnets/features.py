@@ -37,10 +37,18 @@ def extract_features(
       A dict from feature name to array, in the order the model computes them. The logits are
       under ``"logits"``.
 
+    Raises:
+      TypeError: ``model`` is not a module, ``variables`` not the dict ``model.init`` returned,
+        ``names`` a single string, or ``x`` not a float array.
+      ValueError: ``x`` of the wrong rank, layout (NCHW) or size for the model.
+
     Example::
 
         feats = extract_features(model, variables, images, names=("stage2", "stage3", "stage4"))
     """
+    check_call(model, variables, "extract_features")
+    if isinstance(names, str) or (names is not None and not all(isinstance(n, str) for n in names)):
+        raise TypeError(f"names must be a tuple of feature names, e.g. ({names!r},); got {names!r}")
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
     logits, state = model.apply(variables, x, train=train, mutable=mutable, **apply_kwargs)
     features = {key: values[0] for key, values in state["intermediates"].items()}
@@ -51,3 +59,14 @@ def extract_features(
     if missing:
         raise KeyError(f"{type(model).__name__} has no feature(s) {missing}; it has {list(features)}")
     return {n: features[n] for n in names}
+
+
+def check_call(model: Any, variables: Any, caller: str) -> None:
+    """Raises a one-line ``TypeError`` unless ``model`` is a module and ``variables`` what its ``init`` returned."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller} expects a model from flaxnets.create_model; got {type(model).__name__}")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        keys = sorted(map(str, variables)) if isinstance(variables, Mapping) else []
+        got = f"keys {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" if keys else type(variables).__name__
+        raise TypeError(f"{caller} expects the variables model.init returned ({{'params': ..., ...}}); got {got}: "
+                        "pass the whole dict, not variables['params']")

@@ -36,13 +36,16 @@ from flaxnets.layers import (
     Conv,
     ConvNormAct,
     ModuleFactory,
+    Window,
     adaptive_avg_pool,
     avg_pool,
     batch_norm,
+    check_images,
     flatten,
     global_avg_pool,
     local_response_norm,
     max_pool,
+    smallest_input,
     sow,
 )
 from flaxnets.registry import register
@@ -148,6 +151,7 @@ class GoogLeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, self, train=train or self.is_initializing())
         if self.batch_norm:
             # He init: the BN layers take care of the scale.
             conv = functools.partial(
@@ -210,6 +214,19 @@ class GoogLeNet(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(jnp.float32)
+
+    @nn.nowrap
+    def min_input_size(self, train: bool = True, dense: bool = False) -> tuple[int, str]:
+        """The smallest square input side, and why; in training (and init) the auxiliary heads' pools must fit."""
+        stride16 = (Window(7, 2, 3), *[Window(3, 2, ceil_mode=True)] * 3)
+        aux = ()
+        if train and self.aux_logits and self.aux_pool_window is not None:
+            aux = (Window(self.aux_pool_window, 3, branch=True),)
+        windows = (*stride16, *aux, Window(self.pool4_window, 2, ceil_mode=True))
+        if aux:
+            return smallest_input(windows), (f"its auxiliary heads pool {self.aux_pool_window}x{self.aux_pool_window} "
+                                             "at stride 16; aux_logits=False lifts this")
+        return smallest_input(windows), "its unpadded 3x3/2 max pools"
 
 
 register("googlenet", GoogLeNet, family="googlenet", input_size=224, aliases=("inception_v1",))

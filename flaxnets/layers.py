@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -46,14 +46,82 @@ def bias_free_conv(dtype: Any, param_dtype: Any) -> ModuleFactory:
     return functools.partial(Conv, use_bias=False, kernel_init=he_normal, dtype=dtype, param_dtype=param_dtype)
 
 
-def _pool_padding(size: int, window: int, stride: int, pad: int, ceil_mode: bool) -> tuple[int, int]:
-    """Left/right padding that reproduces PyTorch's output size, ceil_mode included."""
+def window_output_size(size: int, window: int, stride: int = 1, pad: int = 0, ceil_mode: bool = False) -> int:
+    """Output side of a conv or pool over ``size`` pixels, as PyTorch counts it; < 1 when the window does not fit."""
     span = size + 2 * pad - window
     out = (math.ceil(span / stride) if ceil_mode else span // stride) + 1
     # PyTorch drops a last window that would start inside the right padding.
     if ceil_mode and (out - 1) * stride >= size + pad:
         out -= 1
+    return out
+
+
+def _pool_padding(size: int, window: int, stride: int, pad: int, ceil_mode: bool) -> tuple[int, int]:
+    """Left/right padding that reproduces PyTorch's output size, ceil_mode included."""
+    out = window_output_size(size, window, stride, pad, ceil_mode)
     return pad, max(0, (out - 1) * stride + window - size - pad)
+
+
+class Window(NamedTuple):
+    """One size-changing conv or pool of a model's spatial path, for :func:`smallest_input`.
+
+    ``branch`` marks a window on a side branch (GoogLeNet's auxiliary heads): it must fit, but
+    the main path keeps its size.
+    """
+
+    size: int
+    stride: int = 1
+    padding: int = 0
+    ceil_mode: bool = False
+    branch: bool = False
+
+
+@functools.cache
+def smallest_input(windows: tuple[Window, ...]) -> int:
+    """The smallest square side whose feature map every window of ``windows`` (in order) fits."""
+
+    def fits(size: int) -> bool:
+        for w in windows:
+            out = window_output_size(size, w.size, w.stride, w.padding, w.ceil_mode)
+            if out < 1:
+                return False
+            size = size if w.branch else out
+        return True
+
+    size = 1
+    while not fits(size):
+        size += 1
+    return size
+
+
+def check_images(x: Any, model: nn.Module, **mode: bool) -> None:
+    """Raises a one-line error unless ``x`` is an NHWC float batch of RGB images ``model`` can take.
+
+    Every family calls it first thing in ``__call__``. Shapes and dtypes are static, so it runs
+    while tracing and costs nothing in a compiled function. ``model`` provides
+    ``min_input_size(train=..., dense=...) -> (pixels, why)``; ``mode`` is passed on to it.
+    """
+    name = type(model).__name__
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"{name} expects an NHWC float array of images; got {type(x).__name__}")
+    shape = tuple(shape)
+    if len(shape) != 4:
+        hint = "; for one image add a batch axis: x[None]" if len(shape) == 3 else ""
+        raise ValueError(f"{name} expects a batch of images of shape (batch, height, width, 3); "
+                         f"got rank {len(shape)}, shape {shape}{hint}")
+    if shape[-1] != 3:
+        if shape[1] == 3:
+            raise ValueError(f"{name} expects NHWC images (channels last); shape {shape} looks like NCHW: "
+                             "transpose to NHWC with x.transpose(0, 2, 3, 1)")
+        hint = "; for grayscale repeat the channel: jnp.repeat(x, 3, axis=-1)" if shape[-1] == 1 else ""
+        raise ValueError(f"{name} expects 3 colour channels last (NHWC); got shape {shape}{hint}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} expects float images, normalised as in training; got {jnp.dtype(dtype).name}: "
+                        "convert and normalise first, e.g. (x / 255 - IMAGENET_MEAN) / IMAGENET_STD (flaxnets.layers)")
+    least, why = model.min_input_size(**mode)
+    if min(shape[1:3]) < least:
+        raise ValueError(f"{name} needs images of at least {least} px ({why}); got {shape[1]}x{shape[2]}")
 
 
 def max_pool(

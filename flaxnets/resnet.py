@@ -16,7 +16,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import ModuleFactory, batch_norm, bias_free_conv, global_avg_pool, max_pool, sow
+from flaxnets.layers import (
+    ModuleFactory,
+    Window,
+    batch_norm,
+    bias_free_conv,
+    check_images,
+    global_avg_pool,
+    max_pool,
+    smallest_input,
+    sow,
+)
 from flaxnets.registry import register
 
 
@@ -118,6 +128,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, self)
         conv = bias_free_conv(self.dtype, self.param_dtype)
         norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype)
 
@@ -143,6 +154,12 @@ class ResNet(nn.Module):
         sow(self, "intermediates", "pre_logits", x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(jnp.float32)
+
+    @nn.nowrap
+    def min_input_size(self, train: bool = True, dense: bool = False) -> tuple[int, str]:
+        """The smallest square input side, and why (every conv and pool is padded: 1 px)."""
+        windows = (Window(7, 2, 3), Window(3, 2, 1), *[Window(3, 2, 1)] * (len(self.stage_sizes) - 1))
+        return smallest_input(windows), "its padded stem and stride-2 stages"
 
 
 _VARIANTS: dict[str, dict[str, Any]] = {

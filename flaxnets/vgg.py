@@ -20,11 +20,14 @@ from flaxnets.layers import (
     Conv,
     ConvNormAct,
     MLPHead,
+    Window,
     adaptive_avg_pool,
     batch_norm,
+    check_images,
     flatten,
     local_response_norm,
     max_pool,
+    smallest_input,
     sow,
 )
 from flaxnets.registry import register
@@ -73,6 +76,7 @@ class VGG(nn.Module):
         over the feature map of an image of any size of at least 224 px, and the class score map
         is averaged; on a 224 px image this equals the plain forward pass.
         """
+        check_images(x, self, dense=dense)
         conv = functools.partial(
             Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init
         )
@@ -101,6 +105,16 @@ class VGG(nn.Module):
         x = flatten(adaptive_avg_pool(x, 7))
         sow(self, "intermediates", "pre_logits", x)
         return head(x, train).astype(jnp.float32)
+
+    @nn.nowrap
+    def min_input_size(self, train: bool = True, dense: bool = False) -> tuple[int, str]:
+        """The smallest square input side, and why: each stage ends in a 2x2/2 max pool (and in dense
+        evaluation the first FC layer slides as a 7x7 window over the last feature map)."""
+        stages = len(self.stage_kernels)
+        windows = (Window(2, 2),) * stages
+        if dense:
+            return smallest_input((*windows, Window(7))), "dense evaluation slides its FC layers as a 7x7 window"
+        return smallest_input(windows), f"the 2x2/2 max pool closing each of its {stages} stages"
 
 
 _VARIANTS = {

@@ -18,7 +18,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import ModuleFactory, batch_norm, bias_free_conv, global_avg_pool, max_pool, sow
+from flaxnets.layers import (
+    ModuleFactory,
+    Window,
+    batch_norm,
+    bias_free_conv,
+    check_images,
+    global_avg_pool,
+    max_pool,
+    smallest_input,
+    sow,
+)
 from flaxnets.registry import register
 
 
@@ -95,6 +105,7 @@ class Xception(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, self)
         conv = bias_free_conv(self.dtype, self.param_dtype)
         norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype)
         block = functools.partial(XceptionBlock, conv=conv, norm=norm)
@@ -123,6 +134,12 @@ class Xception(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(jnp.float32)
+
+    @nn.nowrap
+    def min_input_size(self, train: bool = True, dense: bool = False) -> tuple[int, str]:
+        """The smallest square input side, and why: the two unpadded 3x3 stem convs must fit."""
+        windows = (Window(3, 2), Window(3), *[Window(3, 2, 1)] * 4)
+        return smallest_input(windows), "its two unpadded 3x3 stem convs"
 
 
 register("xception", Xception, family="xception", input_size=299, aliases=("legacy_xception",))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 
@@ -63,12 +64,26 @@ def _recipe(args):
     return override(dataclasses.replace(recipe, **changes), args.set)
 
 
+def _check_multi_host(args) -> None:
+    """The multi-process flags must come together and agree (before any process tries to connect)."""
+    if not args.coordinator:
+        if args.num_processes is not None or args.process_id is not None:
+            raise ValueError("--num-processes and --process-id need --coordinator host:port")
+        return
+    if args.num_processes is None or args.process_id is None:
+        raise ValueError("--coordinator needs --num-processes and --process-id")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator must be host:port; got {args.coordinator!r}")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id must be in [0, --num-processes) and --num-processes positive; "
+                         f"got {args.process_id} of {args.num_processes}")
+
+
 def _start_distributed(args) -> None:
     import jax
 
     if args.coordinator:
-        if args.num_processes is None or args.process_id is None:
-            raise ValueError("--coordinator needs --num-processes and --process-id")
         if args.accelerator == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -76,10 +91,19 @@ def _start_distributed(args) -> None:
         jax.distributed.initialize()
 
 
+# What `pip install flaxnets` leaves out and training needs (the [train] extra).
+_TRAINING_STACK = ("optax", "orbax.checkpoint", "tensorflow", "tensorflow_datasets", "matplotlib", "sklearn", "tqdm")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 done, 1 error, 143 preempted)."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    missing = [name for name in _TRAINING_STACK if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: training needs the [train] extra ({', '.join(missing)} not installed): "
+              f"pip install 'flaxnets[train]' (from a clone: pip install -e '.[train]')", file=sys.stderr)
+        return 1
     from train.recipes import list_recipes
 
     if args.list_recipes:
@@ -92,18 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from input_pipeline.sources import BadImageError, DatasetNotReadyError
-    from train.trainer import RunConfig, TrainingError, run
+    from train.recipes import validate
+    from train.trainer import RunConfig, TrainingError, print_error, run, validate_config
 
     try:
+        # Everything is checked before any process connects or anything is written.
+        recipe = validate(_recipe(args))
+        config = validate_config(RunConfig(
+            workdir=args.workdir, data_dir=args.data_dir, download=args.download, accelerator=args.accelerator,
+            precision=args.precision, seed=args.seed, resume=args.resume, init_from=args.init_from,
+            log_every=args.log_every, max_steps=args.max_steps, progress=not args.no_progress))
+        _check_multi_host(args)
         _start_distributed(args)
-        recipe = _recipe(args)
-        config = RunConfig(workdir=args.workdir, data_dir=args.data_dir, download=args.download,
-                           accelerator=args.accelerator, precision=args.precision, seed=args.seed,
-                           resume=args.resume, init_from=args.init_from, log_every=args.log_every,
-                           max_steps=args.max_steps, progress=not args.no_progress)
         summary = run(recipe, config)
-    except (KeyError, ValueError, TrainingError, DatasetNotReadyError, BadImageError, FileNotFoundError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+    except (KeyError, ValueError, TrainingError, DatasetNotReadyError, BadImageError, OSError) as err:
+        print_error(err)
         return 1
     import jax
 

@@ -31,7 +31,7 @@ from input_pipeline.sources import Source
 from train.checkpoints import restore_newest
 from train.protocols import (PROTOCOLS, Protocol, crop_probabilities, dense_probabilities, get_protocol,
                              normalized_views)
-from train.trainer import RUN_INFO, eval_source
+from train.trainer import RUN_INFO, eval_source, print_error
 
 
 class EvaluationError(RuntimeError):
@@ -72,10 +72,16 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
         for converted weights).
 
     Raises:
-      EvaluationError: not such a directory, or no checkpoint in it.
+      EvaluationError: not such a directory, an incomplete ``run.json``, no checkpoint in it, or
+        ``ema`` for a run trained without EMA.
     """
     directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise EvaluationError(f"{directory} {'is a file, not' if os.path.exists(directory) else 'is not'} a "
+                              "`python -m train` workdir or a `python -m flaxnets.convert` output")
     if os.path.isfile(os.path.join(directory, META_FILE)):
+        if ema:
+            raise EvaluationError(f"--ema: {directory} holds converted weights, which have no EMA copy")
         with open(os.path.join(directory, META_FILE)) as f:
             name = json.load(f)["model"]
         model, variables = flaxnets.load_converted(directory)
@@ -85,10 +91,13 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
     if not os.path.isfile(info_path):
         raise EvaluationError(f"{directory} has neither {RUN_INFO} (a `python -m train` workdir) nor {META_FILE} "
                               "(a `python -m flaxnets.convert` output)")
-    with open(info_path) as f:
-        info = json.load(f)
+    info = _read_run_info(info_path)
     if checkpoint not in ("best", "last"):
         raise EvaluationError(f"--checkpoint must be best or last, not {checkpoint!r}")
+    recipe = info.get("recipe") if isinstance(info.get("recipe"), dict) else {}
+    if ema and "ema_decay" in recipe and recipe["ema_decay"] is None:
+        raise EvaluationError(f"--ema: {directory} was trained without EMA (its recipe's ema_decay is None), "
+                              "so it has no averaged weights")
     found = None
     for which in (checkpoint, "last"):
         found = restore_newest(os.path.join(directory, "checkpoints", which))
@@ -97,6 +106,9 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
     if found is None:
         raise EvaluationError(f"no checkpoint in {os.path.join(directory, 'checkpoints')}: train first "
                               f"(`python -m train --workdir {directory}`)")
+    missing = [k for k in ("model", "num_classes", "image_size", "precision", "dataset", "recipe") if k not in info]
+    if missing:
+        raise EvaluationError(f"{info_path} lacks {', '.join(missing)}: not written by `python -m train`")
     step, state = found
     params = state["ema_params"] if ema else state["params"]
     variables = {"params": params, **({"batch_stats": state["batch_stats"]} if state.get("batch_stats") else {})}
@@ -105,6 +117,71 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
     label = f"{which} checkpoint, step {step}{', EMA' if ema else ''}"
     jittered = info["recipe"].get("augmentation") == "vgg"
     return Member(directory, model, variables, image_size or info["image_size"], info["dataset"], label, jittered)
+
+
+def _read_run_info(path: str) -> dict[str, Any]:
+    """``run.json`` as a dict, or a one-line error."""
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"{path} is not a readable run record ({type(err).__name__}: {err})") from None
+    if not isinstance(info, dict):
+        raise EvaluationError(f"{path} is not a readable run record (a JSON {type(info).__name__}, not an object)")
+    return info
+
+
+def check_sizes(members: list[Member], protocol_names: list[str], scales: tuple[int, ...] | None) -> None:
+    """Each member's crop size (or, for dense evaluation, each scale) must be one its model can take,
+    and crops must fit inside the rescaled images they are cut from.
+
+    Raises:
+      EvaluationError: naming the member, the size and the model's minimum.
+    """
+    for member in members:
+        least, why = member.model.min_input_size(train=False)
+        name = f"{os.path.basename(member.directory)} ({type(member.model).__name__})"
+        if member.image_size < least:
+            raise EvaluationError(f"{name} needs images of at least {least} px ({why}); got image size "
+                                  f"{member.image_size}")
+        for protocol in map(get_protocol, protocol_names):
+            used = protocol.scales(member.image_size, scales, member.scale_jittered)
+            dense_least, dense_why = member.model.min_input_size(train=False, dense=True)
+            if protocol.dense and min(used, default=dense_least) < dense_least:
+                raise EvaluationError(f"--scales {','.join(map(str, used))}: the dense protocol's shorter sides must "
+                                      f"be at least {dense_least} px for {name} ({dense_why})")
+            if not protocol.dense and min(used, default=member.image_size) < member.image_size:
+                raise EvaluationError(f"--scales {','.join(map(str, used))}: the {protocol.name} protocol crops "
+                                      f"{member.image_size} px views, so every scale must be at least that")
+
+
+def _check_args(args) -> tuple[int, ...] | None:
+    """Checks the numeric and path flags before anything is loaded; returns the parsed ``--scales``."""
+    counts = {"--image-size": args.image_size, "--batch-views": args.batch_views, "--limit": args.limit}
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise EvaluationError(f"{flag} must be a positive integer; got {value}")
+    scales = None
+    if args.scales is not None:
+        try:
+            scales = tuple(int(s) for s in args.scales.split(","))
+        except ValueError:
+            scales = ()
+        if not scales or min(scales) < 1:
+            raise EvaluationError(f"--scales expects comma-separated positive integers, e.g. 256,384,512; "
+                                  f"got {args.scales!r}")
+    if args.out is not None:
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if os.path.isdir(args.out) or not os.path.isdir(parent):
+            raise EvaluationError(f"--out {args.out} must be a file path in an existing directory")
+    if args.accelerator:
+        try:
+            found = jax.devices(args.accelerator)
+        except RuntimeError:
+            found = []
+        if not found:
+            raise EvaluationError(f"--accelerator {args.accelerator}: no {args.accelerator.upper()} is visible to JAX")
+    return scales
 
 
 def _image_batches(source: Source, protocol: Protocol, size: int, scales, images_per_batch: int, limit):
@@ -186,6 +263,7 @@ def evaluate(members: list[Member], protocol_name: str, source: Source, *, scale
     over the views. Returns top-1/top-5 of the ensemble and of each member, and what was run.
     """
     protocol = get_protocol(protocol_name)
+    check_sizes(members, [protocol.name], scales)
     classes = {m.model.num_classes for m in members}
     if len(classes) > 1 or classes != {source.num_classes}:
         raise EvaluationError(f"the models have {sorted(classes)} classes but {source.name} has {source.num_classes}")
@@ -252,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.accelerator:
             jax.config.update("jax_platforms", args.accelerator if args.accelerator != "gpu" else "cuda")
-        scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
+        scales = _check_args(args)
         members = [load_member(d, args.checkpoint, args.ema, args.image_size) for d in [args.workdir, *args.ensemble]]
+        names = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+        check_sizes(members, names, scales)
         dataset = args.dataset or members[0].dataset or "imagenet2012"
         source = eval_source(dataset, args.data_dir, args.download)
-        names = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
         results = []
         for name in names:
             result = evaluate(members, name, source, scales=scales, batch_views=args.batch_views, limit=args.limit,
@@ -266,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:8s} {result['views']:4d} views  top-1 {100 * result['top1']:6.2f}%  top-5 "
                       f"{100 * result['top5']:6.2f}%  ({result['count']} images, {len(members)} model(s), "
                       f"{result['seconds']:.0f}s)", flush=True)
-    except (KeyError, ValueError, EvaluationError, DatasetNotReadyError, BadImageError, FileNotFoundError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+    except (KeyError, ValueError, EvaluationError, DatasetNotReadyError, BadImageError, OSError) as err:
+        print_error(err)
         return 1
     if jax.process_index() == 0:
         suffix = f"_ensemble{len(members)}" if len(members) > 1 else ""

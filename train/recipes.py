@@ -2,14 +2,17 @@
 
 Preset names follow the detection-codebase convention ``{model}_{optimizer-schedule}_{epochs}e_{data}``,
 e.g. ``resnet50_sgd-step_90e_imagenet``. ``python -m train --list-recipes`` prints them; any field
-can be overridden on the command line with ``--set field=value``.
+can be overridden on the command line with ``--set field=value``; :func:`validate` checks a whole
+recipe before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Literal
+import math
+import typing
+from typing import Any, Literal
 
 Schedule = Literal["constant", "step", "exponential", "cosine"]
 
@@ -169,6 +172,139 @@ def override(recipe: Recipe, assignments: list[str]) -> Recipe:
                              f"Fields: {', '.join(fields)}")
         changes[key] = _parse(text.strip(), str(fields[key].type), key)
     return dataclasses.replace(recipe, **changes)
+
+
+class RecipeError(ValueError):
+    """A recipe with bad fields; the message has one line per problem (also in ``problems``)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Checks every field of ``recipe`` and how they fit together; returns it unchanged.
+
+    Counts and sizes must be positive, rates and decays inside their ranges, the step schedule's
+    milestones inside the epochs, the schedule and augmentation names known, the model registered
+    and the image size at least the model's minimum (computed from its layers, not compiled).
+
+    Raises:
+      RecipeError: a ``ValueError`` whose message lists every problem, one per line.
+    """
+    r = recipe
+    epochs = r.epochs if _is_int(r.epochs) and r.epochs >= 1 else None
+    problems = [
+        *(_text(r, key) for key in ("name", "model", "dataset", "augmentation")),
+        *(_flag(r, key) for key in ("nesterov", "zero_init_residual")),
+        _count(r, "epochs"),
+        _count(r, "batch_size"),
+        _count(r, "lr_reference_batch", optional=True),
+        _count(r, "image_size", optional=True),
+        _count(r, "plateau_patience", least=0),
+        _count(r, "plateau_max_reductions", least=0),
+        _number(r, "lr", 0, low_open=True),
+        _number(r, "momentum", 0, 1, high_open=True),
+        _number(r, "weight_decay", 0, 1, high_open=True),
+        _number(r, "decay_factor", 0, 1, low_open=True),
+        _number(r, "decay_every_epochs", 0, low_open=True),
+        _number(r, "warmup_epochs", 0, epochs or math.inf),
+        _number(r, "label_smoothing", 0, 1, high_open=True),
+        _number(r, "aux_loss_weight", 0),
+        _number(r, "ema_decay", 0, 1, low_open=True, high_open=True, optional=True),
+        _number(r, "dropout_rate", 0, 1, high_open=True, optional=True),
+    ]
+    if r.nesterov is True and r.momentum == 0:
+        problems.append("nesterov needs momentum > 0")
+    schedules = typing.get_args(Schedule)
+    if r.schedule not in schedules:
+        problems.append(f"unknown schedule {r.schedule!r}; use {', '.join(schedules)}")
+    if not (isinstance(r.milestones, (tuple, list)) and all(_is_int(m) for m in r.milestones)):
+        problems.append(f"milestones must be a tuple of epochs, e.g. (30, 60); got {r.milestones!r}")
+    elif epochs and r.schedule == "step":
+        problems.append(_milestones_problem(r.milestones, epochs))
+    if isinstance(r.augmentation, str) and r.augmentation:
+        from input_pipeline.recipes import list_recipes as augmentations
+
+        if r.augmentation not in augmentations():
+            problems.append(f"unknown augmentation {r.augmentation!r}; use one of {', '.join(augmentations())}")
+    if isinstance(r.model, str) and r.model:
+        size_ok = _count(r, "image_size", optional=True) is None
+        problems.append(_model_problem(r.model, r.image_size if size_ok else None))
+    problems = [p for p in problems if p]
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text(recipe: Recipe, key: str) -> str | None:
+    value = getattr(recipe, key)
+    return None if isinstance(value, str) and value else f"{key} must be a non-empty string; got {value!r}"
+
+
+def _flag(recipe: Recipe, key: str) -> str | None:
+    value = getattr(recipe, key)
+    return None if isinstance(value, bool) else f"{key} must be true or false; got {value!r}"
+
+
+def _count(recipe: Recipe, key: str, least: int = 1, optional: bool = False) -> str | None:
+    value = getattr(recipe, key)
+    if (optional and value is None) or (_is_int(value) and value >= least):
+        return None
+    kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+    return f"{key} must be {kind}{' or None' if optional else ''}; got {value!r}"
+
+
+def _number(recipe: Recipe, key: str, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False, optional: bool = False) -> str | None:
+    value = getattr(recipe, key)
+    if optional and value is None:
+        return None
+    if _is_number(value) and (low < value if low_open else low <= value) and (
+            value < high if high_open else value <= high):
+        return None
+    if high == math.inf:
+        where = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    hint = " (a negative rate climbs the loss)" if key == "lr" and _is_number(value) and value < 0 else ""
+    return f"{key} must be a number {where}; got {value!r}{hint}"
+
+
+def _milestones_problem(milestones, epochs: int) -> str | None:
+    """What is wrong with the step schedule's milestones, suggesting ones at the same fractions of ``epochs``."""
+    if all(0 < m < epochs for m in milestones) and list(milestones) == sorted(set(milestones)):
+        return None
+    if epochs < 2:
+        return "the step schedule needs at least 2 epochs to place a milestone; with 1 use schedule=cosine or constant"
+    text = f"milestones {tuple(milestones)} must be increasing epochs inside the {epochs} epochs (1 to {epochs - 1})"
+    # The same fractions of the run as the given milestones (the papers' x/90), else thirds.
+    last = max([m for m in milestones if m > 0], default=0)
+    fractions = [m / (1.5 * last) for m in milestones if m > 0] if last else [1 / 3, 2 / 3]
+    scaled = sorted({min(epochs - 1, max(1, round(f * epochs))) for f in fractions})
+    return f"{text}; e.g. --set milestones={','.join(map(str, scaled))}"
+
+
+def _model_problem(name: str, image_size: int | None) -> str | None:
+    """An unknown model, or an image size below the model's minimum in training (no compilation needed)."""
+    import flaxnets
+
+    try:
+        model = flaxnets.create_model(name)
+    except KeyError as err:
+        return err.args[0]
+    least, why = model.min_input_size(train=True)
+    if image_size is not None and image_size < least:
+        return f"{flaxnets.resolve_name(name)} needs images of at least {least} px ({why}); got image_size {image_size}"
+    return None
 
 
 def _parse(text: str, type_name: str, key: str):

@@ -50,7 +50,8 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, image_size:
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
-        ema_params=params,
+        # A copy: the jitted step donates the state, and one buffer must not be donated twice.
+        ema_params=jax.tree.map(jnp.copy, params),
         rng=dropout_key,
         lr_scale=jnp.ones((), jnp.float32),
         plateau_best=jnp.full((), -1.0, jnp.float32),

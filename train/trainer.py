@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -17,17 +18,26 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flaxnets
+from flaxnets.convert import META_FILE
 from input_pipeline.pipeline import global_batches, make_dataset
 from input_pipeline.sources import Source, load_source
 from train.checkpoints import Checkpoints
 from train.optim import make_optimizer, make_schedule
-from train.recipes import Recipe
+from train.recipes import Recipe, validate
 from train.report import Reporter
 from train.steps import TrainState, create_state, eval_step, train_step
 
 
 class TrainingError(RuntimeError):
     """A run that cannot start or must stop; the message says why (the CLI prints it alone)."""
+
+
+def print_error(err: BaseException) -> None:
+    """Prints ``err`` as ``error: ...`` lines on stderr, one per problem, without a traceback."""
+    text = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    text = text.split("\n--------------------\n")[0]  # JAX's note on the frames it hid from a traced error
+    for line in text.splitlines() or [type(err).__name__]:
+        print(f"error: {line}", file=sys.stderr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +89,97 @@ def select_devices(accelerator: str) -> list[jax.Device]:
 RUN_INFO = "run.json"
 
 
+def validate_config(config: RunConfig) -> RunConfig:
+    """Checks ``config`` without touching the disk beyond looking; returns it unchanged.
+
+    Raises:
+      TrainingError: one line per problem (a workdir that is a file or cannot be created, counts
+        that are not positive, unknown accelerator or precision, an ``init_from`` that is no
+        ``python -m flaxnets.convert`` output).
+    """
+    problems = []
+    for key, least, optional in (("log_every", 1, False), ("keep_checkpoints", 1, False), ("max_steps", 1, True),
+                                 ("seed", 0, False)):
+        value = getattr(config, key)
+        if not ((optional and value is None) or (isinstance(value, int) and not isinstance(value, bool)
+                                                 and value >= least)):
+            kind = "a positive integer" if least == 1 else "an integer >= 0"
+            problems.append(f"{key} (--{key.replace('_', '-')}) must be {kind}; got {value!r}")
+    if config.accelerator not in ("cpu", "gpu", "tpu"):
+        problems.append(f"accelerator must be cpu, gpu or tpu; got {config.accelerator!r}")
+    if config.precision not in ("fp32", "bf16"):
+        problems.append(f"precision must be fp32 or bf16; got {config.precision!r}")
+    problems += _workdir_problems(config.workdir)
+    if config.init_from is not None and not os.path.isfile(os.path.join(config.init_from, META_FILE)):
+        problems.append(f"--init-from {config.init_from} is not a `python -m flaxnets.convert` output "
+                        f"(no {META_FILE} in it)")
+    if problems:
+        raise TrainingError("\n".join(problems))
+    return config
+
+
+def _workdir_problems(workdir: Any) -> list[str]:
+    """Why ``workdir`` cannot hold a run: not a path, a file, or under a file or an unwritable folder."""
+    if not isinstance(workdir, str) or not workdir:
+        return [f"workdir must be a directory path; got {workdir!r}"]
+    if os.path.exists(workdir):
+        if not os.path.isdir(workdir):
+            return [f"--workdir {workdir} is a file, not a directory: pick another --workdir"]
+        return [] if os.access(workdir, os.W_OK | os.X_OK) else [f"--workdir {workdir} is not writable"]
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return [f"--workdir {workdir} cannot be created: {parent} is a file"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"--workdir {workdir} cannot be created: {parent} is not writable"]
+    return []
+
+
+def _check_workdir_matches(config: RunConfig, recipe: Recipe) -> None:
+    """Refuses to resume a workdir whose ``run.json`` records another model, recipe or data set.
+
+    Overridden fields (a longer ``epochs``, another ``lr``) may change between runs; the model,
+    the preset and the data set may not, or the checkpoint would be restored into another state.
+    """
+    path = os.path.join(config.workdir, RUN_INFO)
+    if not config.resume or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        theirs = (info["model"], info["recipe"]["name"], info["dataset"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TrainingError(f"{path} is not a readable run record ({type(err).__name__}: {err}); "
+                            "pick another --workdir, or remove it to start over") from None
+    ours = (recipe.model, recipe.name, recipe.dataset)
+    if _canonical(theirs) != _canonical(ours):
+        raise TrainingError(f"--workdir {config.workdir} holds a run of {theirs[0]} ({theirs[1]}, on {theirs[2]}; see "
+                            f"its {RUN_INFO}), not {ours[0]} ({ours[1]}, on {ours[2]}): pick another --workdir, or "
+                            "rerun with that model and recipe to resume it")
+
+
+def _canonical(entry: tuple[str, str, str]) -> tuple[str, str, str]:
+    model, name, dataset = entry
+    try:
+        model = flaxnets.resolve_name(model)
+    except KeyError:
+        pass
+    return model, name, dataset
+
+
+def _check_init_from(directory: str, recipe: Recipe) -> None:
+    """Converted weights must be of the recipe's model (only the head may differ)."""
+    try:
+        with open(os.path.join(directory, META_FILE)) as f:
+            model = json.load(f)["model"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TrainingError(f"--init-from {directory}: unreadable {META_FILE} ({type(err).__name__}: {err})") from None
+    if _canonical((model, "", ""))[0] != flaxnets.resolve_name(recipe.model):
+        raise TrainingError(f"--init-from {directory} holds {model} weights, but the recipe trains "
+                            f"{flaxnets.resolve_name(recipe.model)}")
+
+
 def eval_source(dataset: str, data_dir: str | None = None, download: bool = False) -> Source:
     """The evaluation split of ``dataset``: ``validation`` (or ``test``) of a tfds name, ``val/`` of a folder."""
     if os.path.isdir(dataset):
@@ -127,7 +228,8 @@ def _init_from(state: TrainState, directory: str) -> TrainState:
 
     params = merge(state.params, variables["params"])
     stats = merge(state.batch_stats, variables.get("batch_stats", {})) if state.batch_stats else state.batch_stats
-    return state.replace(params=params, ema_params=params, batch_stats=stats, opt_state=state.tx.init(params))
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), batch_stats=stats,
+                         opt_state=state.tx.init(params))
 
 
 class _StopRequest:
@@ -166,13 +268,24 @@ def _evaluate(eval_fn, state, source, image_size, batch_size, data_sharding) -> 
 def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
     """Trains ``recipe`` under ``config``; returns the final summary (best accuracy, paths, status).
 
+    Nothing is written to ``config.workdir`` before the recipe, the config, the devices, the data
+    and any checkpoint to resume from have been checked.
+
     Raises:
-      TrainingError: bad settings, or a loss that became NaN/Inf (the last good checkpoint is kept).
+      RecipeError: a bad recipe field (a ``ValueError``; one line per problem).
+      TrainingError: bad settings, a workdir of another run, or a loss that became NaN/Inf (the
+        last good checkpoint is kept).
     """
+    validate(recipe)
+    validate_config(config)
     devices = select_devices(config.accelerator)
     if recipe.batch_size % len(devices):
-        raise TrainingError(f"batch size {recipe.batch_size} is not divisible by the {len(devices)} devices; "
-                            f"use a multiple of {len(devices)}")
+        processes = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        raise TrainingError(f"batch size {recipe.batch_size} is not divisible by the {len(devices)} devices"
+                            f"{processes}; use a multiple of {len(devices)}")
+    _check_workdir_matches(config, recipe)
+    if config.init_from:
+        _check_init_from(config.init_from, recipe)
     train_source, eval_source = _load_sources(recipe, config)
     steps_per_epoch = train_source.num_examples // recipe.batch_size
     if steps_per_epoch == 0:
@@ -189,14 +302,19 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
     state = jax.device_put(create_state(model, tx, image_size, config.seed), replicated)
     ckpt = Checkpoints(config.workdir, keep=config.keep_checkpoints)
     is_main = jax.process_index() == 0
+    if config.resume and ckpt.latest_step() is not None:
+        state = _restore(ckpt, state)
+        _say(is_main, f"resumed from step {int(state.step)} in {ckpt.last_dir}")
+    elif config.init_from:
+        try:
+            state = jax.device_put(_init_from(state, config.init_from), replicated)
+        except (ValueError, TypeError, KeyError) as err:
+            ckpt.close()
+            raise TrainingError(f"--init-from {config.init_from} does not fit {recipe.model}: "
+                                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     reporter = Reporter(config.workdir, enabled=is_main)
     if is_main:
         _write_run_info(config, recipe, train_source.num_classes, image_size)
-    if config.resume and ckpt.latest_step() is not None:
-        state = ckpt.restore_latest(state)
-        _say(is_main, f"resumed from step {int(state.step)} in {ckpt.last_dir}")
-    elif config.init_from:
-        state = jax.device_put(_init_from(state, config.init_from), replicated)
 
     step_fn = functools.partial(train_step, num_classes=train_source.num_classes,
                                 label_smoothing=recipe.label_smoothing, aux_loss_weight=recipe.aux_loss_weight,
@@ -234,8 +352,7 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
                     losses += [float(m["loss"]) for m in fetched]
                     if not math.isfinite(loss):
                         ckpt.close()
-                        raise TrainingError(f"loss became {loss} at step {step}; stopped. The last good checkpoint "
-                                            f"(step {ckpt.latest_step()}) is in {ckpt.last_dir}")
+                        raise TrainingError(_diverged(loss, step, ckpt.latest_step(), ckpt.last_dir))
                     rate = images / (time.perf_counter() - tick)
                     lr = float(schedule(step - 1)) * float(state.lr_scale)
                     reporter.log_step(step, {"loss": loss, "lr": lr, "images_per_sec": rate})
@@ -257,6 +374,25 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
                 break
     ckpt.close()
     return _summary(reporter, config, status, step, is_main)
+
+
+def _restore(ckpt: Checkpoints, state: TrainState) -> TrainState:
+    """The newest checkpoint restored into ``state``'s structure, or a one-line error if it does not fit."""
+    try:
+        return ckpt.restore_latest(state)
+    except Exception as err:  # noqa: BLE001 - Orbax raises many types for a checkpoint of another shape
+        ckpt.close()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"cannot resume from {ckpt.last_dir}: its checkpoint does not fit this model and optimizer "
+                            f"({first[:200]}); pick another --workdir, or --no-resume") from None
+
+
+def _diverged(loss: float, step: int, last_good: int | None, last_dir: str) -> str:
+    """The message of a run stopped by a NaN/Inf loss: where the last good checkpoint is, or that there is none."""
+    if last_good is None:
+        return (f"loss became {loss} at step {step}, before the first checkpoint; stopped, so there is no checkpoint "
+                "to go back to (try a smaller lr or a longer warm-up)")
+    return f"loss became {loss} at step {step}; stopped. The last good checkpoint (step {last_good}) is in {last_dir}"
 
 
 def _write_run_info(config: RunConfig, recipe: Recipe, num_classes: int, image_size: int) -> None:
