@@ -110,27 +110,52 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def create_model(
-    name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, **overrides: Any
+    name: str,
+    *,
+    num_classes: int = 1000,
+    dtype: Any = jnp.float32,
+    pretrained: bool | str = False,
+    **overrides: Any,
 ) -> nn.Module:
-    """Builds a registered model.
+    """Builds a registered model, optionally with its published ImageNet weights.
 
     Args:
       name: a registry name or alias (``"resnet50"``, ``"r50"``, ``"resnext50"``...).
-      num_classes: size of the classifier output.
+      num_classes: size of the classifier output. With ``pretrained``, a count other than the
+        weights' 1000 gets a freshly initialised classifier on the pretrained backbone.
       dtype: compute dtype; parameters stay float32 (``param_dtype``), so
         ``dtype=jnp.bfloat16`` is mixed precision with float32 master weights.
       **overrides: any other field of the model's module, e.g. ``zero_init_residual=True``
         for ResNets, ``aux_logits=False`` for GoogLeNet, ``dropout_rate=0.2``.
 
+      pretrained: ``True`` for the most accurate published weights, a tag (``"tv_in1k"``,
+        ``"tv2_in1k"``; ``flaxnets.list_pretrained()``), or a checkpoint path or URL. Downloaded
+        once and cached; see :func:`flaxnets.pretrained`.
+
     Returns:
       An unbound Flax module; use ``module.init(rng, x)`` and
-      ``module.apply(variables, x, train=...)`` with NHWC input.
+      ``module.apply(variables, x, train=...)`` with NHWC input. With ``pretrained``, the module
+      bound to its weights: ``model(x, train=False)`` runs it, ``model.variables`` holds them and
+      ``module, variables = model.unbind()`` gives the pair for ``jax.jit(module.apply)``.
 
     Raises:
-      KeyError: unknown name (the message lists close matches).
-      TypeError: an override that is not a field of the module.
+      KeyError: unknown name (the message lists close matches), or no such published weights.
+      TypeError: a name that is not a string, a dtype that is not floating, or an override that
+        is not a field of the module.
+      ValueError: ``num_classes`` not a positive integer, or a ``dropout_rate`` outside [0, 1).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"create_model expects a model name (str); got {type(name).__name__}. "
+                        "`flaxnets.list_models()` lists them")
     info = model_info(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
+    if not _is_float_dtype(dtype):
+        raise TypeError(f"dtype must be a floating dtype (jnp.float32, jnp.bfloat16, jnp.float16); got "
+                        f"{getattr(dtype, '__name__', dtype)!r}")
+    rate = overrides.get("dropout_rate")
+    if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate < 1):
+        raise ValueError(f"dropout_rate must be in [0, 1); got {rate!r}")
     known = {f.name for f in dataclasses.fields(info.module)} - {"parent", "name"}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -138,5 +163,18 @@ def create_model(
             f"{info.name} ({info.module.__name__}) has no option(s) {unknown}; "
             f"valid options: {sorted(known)}"
         )
+    if pretrained:
+        from flaxnets.pretrained import pretrained as load_weights
+
+        tag = None if pretrained is True else pretrained
+        model, variables = load_weights(name, tag, num_classes=num_classes, dtype=dtype, **overrides)
+        return model.bind(variables)
     fields = {**info.fields, **overrides, "num_classes": num_classes, "dtype": dtype}
     return info.module(**fields)
+
+
+def _is_float_dtype(dtype: Any) -> bool:
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+    except TypeError:
+        return False

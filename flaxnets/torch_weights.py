@@ -1,8 +1,8 @@
 """PyTorch state dicts <-> flaxnets variables, for torchvision's and timm's versions of our models.
 
 ``from_torch`` turns a torchvision/timm state dict into ``{"params", "batch_stats"}`` for the
-flaxnets model of the same architecture; ``to_torch`` goes back. torch is imported only by the
-functions that need it (``to_torch``, ``load_pretrained``).
+flaxnets model of the same architecture; ``to_torch`` goes back. Only ``to_torch`` and
+``torch_counterpart`` import torch; checkpoint files are read without it.
 
 Layouts: conv kernels OIHW <-> HWIO; dense kernels (out, in) <-> (in, out), and the first FC after
 a flatten also reorders its inputs from PyTorch's (C, H, W) to our NHWC (H, W, C); BatchNorm
@@ -11,6 +11,7 @@ weight/bias/running_mean/running_var <-> scale/bias and batch_stats mean/var.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -281,15 +282,34 @@ def to_torch(name: str, variables: Mapping[str, Any], **overrides: Any) -> dict[
     return state
 
 
-def load_pretrained(name: str, path: str, **overrides: Any):
-    """Reads a PyTorch ``.pth`` state dict and returns ``(model, variables)`` for flaxnets.
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A checkpoint's state dict as NumPy arrays, without torch: ``.safetensors`` or a ``torch.save`` file.
 
-    For torchvision's pretrained GoogLeNet (``googlenet_bn``), pass ``transform_input=True`` to
-    reproduce torchvision's input re-normalisation that those weights expect.
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not a checkpoint, or a pickle that asks for anything but tensors (refused unrun).
     """
-    import torch
+    if str(path).endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return _convert(name, state, **overrides)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a safetensors file ({err})") from None
+    from flaxnets.torch_reader import read_torch_checkpoint
+
+    return read_torch_checkpoint(path)
+
+
+def load_pretrained(name: str, path: str, **overrides: Any):
+    """Reads a torchvision/timm checkpoint file and returns ``(model, variables)`` for flaxnets.
+
+    ``path`` is a ``torch.save`` file (``.pth``, zip or legacy format) or ``.safetensors``; torch
+    is not needed (see :func:`read_state_dict`). For torchvision's pretrained GoogLeNet
+    (``googlenet_bn``), pass ``transform_input=True`` to reproduce torchvision's input
+    re-normalisation that those weights expect. :func:`flaxnets.pretrained` does all this by name.
+    """
+    return _convert(name, read_state_dict(path), **overrides)
