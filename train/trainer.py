@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flaxnets
+from flaxnets.pretrained import merge_by_shape
 from flaxnets.convert import META_FILE
 from input_pipeline.pipeline import global_batches, make_dataset
 from input_pipeline.sources import Source, load_source
@@ -222,12 +223,8 @@ def build_model(recipe: Recipe, num_classes: int, precision: str):
 def _init_from(state: TrainState, directory: str) -> TrainState:
     """Copies converted weights into ``state``; leaves whose shape differs (a new head) keep their init."""
     _, variables = flaxnets.load_converted(directory)
-
-    def merge(new, loaded):
-        return jax.tree.map(lambda n, l: l if np.shape(l) == np.shape(n) else n, new, loaded)
-
-    params = merge(state.params, variables["params"])
-    stats = merge(state.batch_stats, variables.get("batch_stats", {})) if state.batch_stats else state.batch_stats
+    params = merge_by_shape(state.params, variables["params"])
+    stats = merge_by_shape(state.batch_stats, variables.get("batch_stats", {})) if state.batch_stats else state.batch_stats
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), batch_stats=stats,
                          opt_state=state.tx.init(params))
 
