@@ -1,4 +1,5 @@
-"""Where examples come from: any tensorflow-datasets name, or a folder of images per class.
+"""Where examples come from: any tensorflow-datasets name, or a folder of images per class
+(``input_pipeline.folders``).
 
 A :class:`Source` yields ``{"image": encoded bytes, "label": int64}`` for one process's shard, so
 decoding (fused with cropping for JPEGs) happens in the augmentation recipes.
@@ -20,8 +21,6 @@ from input_pipeline import digits
 log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = digits.NAME
-# Formats that tf.io.decode_image reads.
-_DECODABLE = {"JPEG", "PNG", "GIF", "BMP"}
 
 
 class DatasetNotReadyError(RuntimeError):
@@ -41,7 +40,9 @@ class Source:
       split: split name.
       num_examples: examples in the whole split (all processes).
       class_names: label names, index = label.
-      make: ``(process_index, process_count) -> tf.data.Dataset`` of that process's shard.
+      make: ``(process_index, process_count, seed=None) -> tf.data.Dataset`` of that process's
+        shard, read in a fixed order, or with its files (tfds shards, image files) in an order
+        shuffled by ``seed``. A process reads only its own shard.
     """
 
     name: str
@@ -99,79 +100,22 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
         raise DatasetNotReadyError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}")
     label = builder.info.features["label"]
 
-    def make(process_index: int, process_count: int) -> tf.data.Dataset:
+    def make(process_index: int, process_count: int, seed: int | None = None) -> tf.data.Dataset:
+        # tfds turns the sub-split into file instructions: only this shard's records are read.
         shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
-        ds = builder.as_dataset(split=shard, decoders={"image": tfds.decode.SkipDecoding()})
+        read_config = tfds.ReadConfig(shuffle_seed=seed)
+        ds = builder.as_dataset(split=shard, decoders={"image": tfds.decode.SkipDecoding()},
+                                shuffle_files=seed is not None, read_config=read_config)
         return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int64)})
 
     return Source(name, split, builder.info.splits[split].num_examples, tuple(label.names), make)
 
 
-def _check_image(path: str) -> str | None:
-    """None if ``path`` is an image TensorFlow decodes, else the reason it is not."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.format not in _DECODABLE:
-                return f"unsupported format {image.format}"
-            image.verify()
-            is_jpeg = image.format == "JPEG"
-    except Exception as err:  # PIL raises many types for bad files
-        return f"{type(err).__name__}: {err}"
-    if is_jpeg:
-        # verify() does not decode, so a cut-off JPEG passes it; its end-of-image marker is missing.
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 1024))
-            if b"\xff\xd9" not in f.read():
-                return "truncated JPEG (no end-of-image marker)"
-    return None
-
-
-def folder_source(root: str, split: str = "train", strict: bool = False) -> Source:
-    """Images under ``root/<class name>/`` (classes sorted by name), any size and format TF decodes.
-
-    Every file is checked once when the source is made: a corrupt or non-image file is skipped
-    with a warning naming it, and a count at the end, or raises :class:`BadImageError` when
-    ``strict``. Grayscale and RGBA images are converted to RGB when decoded.
-
-    Raises:
-      DatasetNotReadyError: ``root`` missing or without class folders.
-    """
-    if not os.path.isdir(root):
-        raise DatasetNotReadyError(f"image folder {root!r} does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise DatasetNotReadyError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
-    paths, labels, skipped = [], [], 0
-    for label, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        for file in sorted(os.listdir(folder)):
-            path = os.path.join(folder, file)
-            problem = _check_image(path)
-            if problem is None:
-                paths.append(path)
-                labels.append(label)
-            elif strict:
-                raise BadImageError(f"{path}: {problem}")
-            else:
-                skipped += 1
-                log.warning("skipping %s: %s", path, problem)
-    if skipped:
-        log.warning("skipped %d unreadable file(s) of %d in %s", skipped, skipped + len(paths), root)
-    if not paths:
-        raise DatasetNotReadyError(f"image folder {root!r} has no readable images")
-
-    def make(process_index: int, process_count: int) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices((paths, labels)).shard(process_count, process_index)
-        return ds.map(lambda p, y: {"image": tf.io.read_file(p), "label": tf.cast(y, tf.int64)})
-
-    return Source(root, split, len(paths), tuple(classes), make)
-
-
 def load_source(dataset: str = DEFAULT_DATASET, split: str = "train", data_dir: str | None = None,
                 download: bool = False, strict: bool = False) -> Source:
-    """A folder (a directory, or anything path-like) or a tfds name; see the two functions above."""
+    """A folder (a directory, or anything path-like; see ``input_pipeline.folders``) or a tfds name."""
     if os.path.isdir(dataset) or os.sep in dataset or dataset.startswith((".", "~")):
+        from input_pipeline.folders import folder_source  # it imports this module
+
         return folder_source(os.path.expanduser(dataset), split, strict=strict)
     return tfds_source(dataset, split, data_dir=data_dir, download=download)

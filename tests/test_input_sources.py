@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from input_pipeline import augment as aug
-from input_pipeline.sources import BadImageError, DatasetNotReadyError, folder_source, load_source, tfds_source
+from input_pipeline.folders import folder_source, skipped_files
+from input_pipeline.sources import BadImageError, DatasetNotReadyError, load_source, tfds_source
 
 
 @pytest.fixture(scope="session")
@@ -61,16 +62,15 @@ def image_folder(tmp_path):
     return tmp_path
 
 
-def test_folder_skips_bad_files_with_named_warnings(image_folder, caplog):
+def test_folder_drops_bad_files_lazily_with_named_warnings(image_folder, caplog):
     with caplog.at_level(logging.WARNING):
-        source = folder_source(str(image_folder))
-    assert source.class_names == ("cat", "dog") and source.num_examples == 3
-    text = caplog.text
-    assert "broken.jpg" in text and "notes.txt" in text and "cut.jpg" in text
-    assert "skipped 3 unreadable file(s) of 6" in text
-    examples = list(source.make(0, 1).as_numpy_iterator())
+        source = load_source(str(image_folder))
+        assert source.class_names == ("cat", "dog") and source.num_examples == 6  # listed, not opened
+        examples = list(source.make(0, 1).as_numpy_iterator())
     assert [e["label"] for e in examples] == [0, 0, 1]
-    assert all(aug.decode(e["image"]).shape[-1] == 3 for e in examples)
+    assert all(aug.decode(e["image"]).shape[-1] == 3 for e in examples)  # grayscale and RGBA become RGB
+    assert "broken.jpg" in caplog.text and "notes.txt" in caplog.text and "cut.jpg" in caplog.text
+    assert skipped_files(str(image_folder)) == 3
 
 
 def test_folder_strict_mode_names_the_bad_file(image_folder):
