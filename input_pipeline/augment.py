@@ -209,6 +209,11 @@ def random_method_resize(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Ten
     return resized
 
 
+def to_pixels(image: tf.Tensor) -> tf.Tensor:
+    """A [0, 1] float image to rounded uint8 [0, 255], the form batches cross to the device in."""
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+
+
 def normalize(image: tf.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tensor:
     """Per-channel standardisation of a [0, 1] image."""
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)

@@ -1,7 +1,7 @@
 """The papers' training augmentations as named recipes, plus the plain evaluation transform.
 
-A recipe maps encoded image bytes (JPEG, PNG, ...) and a stateless seed to a normalised float32
-``size`` x ``size`` x 3 image. Pixel sizes are the papers' for 224 px crops (and larger); for
+A recipe maps encoded image bytes (JPEG, PNG, ...) and a stateless seed to a uint8 ``size`` x
+``size`` x 3 image; the mean/std normalisation happens on the device, inside the jitted step. Pixel sizes are the papers' for 224 px crops (and larger); for
 smaller crops (e.g. 32 px on the embedded digits) they scale in proportion. "Rescale, then crop"
 is computed as "crop the matching window, then rescale it": the same crops, but a JPEG decodes only
 that window (``augment.decode_and_rescaled_crop``). ``get_recipe(name)`` returns it; ``list_recipes()`` names them.
@@ -23,7 +23,7 @@ class Recipe:
 
     Attributes:
       name: registry name.
-      transform: ``(image_bytes, seed, size) -> float32 image``.
+      transform: ``(image_bytes, seed, size) -> uint8 image``.
       description: the paper's wording, for listings.
     """
 
@@ -48,7 +48,7 @@ def alexnet(image_bytes, seed, size: int = 224) -> tf.Tensor:
     seeds = aug.split_seed(seed, 3)
     image = aug.decode_and_rescaled_crop(image_bytes, size, _scaled(256, size), seeds[0], center_square=True)
     image = aug.pca_lighting(aug.random_flip(image, seeds[1]) / 255.0, seeds[2])
-    return aug.normalize(image)
+    return aug.to_pixels(image)
 
 
 def vgg(image_bytes, seed, size: int = 224, scale: tuple[int, int] = (256, 512)) -> tf.Tensor:
@@ -56,7 +56,7 @@ def vgg(image_bytes, seed, size: int = 224, scale: tuple[int, int] = (256, 512))
     seeds = aug.split_seed(seed, 4)
     image = _scale_jittered_crop(image_bytes, size, scale, seeds[0], seeds[1])
     image = aug.random_flip(image, seeds[2])
-    return aug.normalize(aug.pca_lighting(image / 255.0, seeds[3]))
+    return aug.to_pixels(aug.pca_lighting(image / 255.0, seeds[3]))
 
 
 def inception(image_bytes, seed, size: int = 224) -> tf.Tensor:
@@ -66,7 +66,7 @@ def inception(image_bytes, seed, size: int = 224) -> tf.Tensor:
     image = aug.random_method_resize(aug.to_float(image), size, seeds[1])
     image = aug.random_flip(image, seeds[2])
     image = aug.photometric_distort(tf.clip_by_value(image, 0.0, 1.0), seeds[3], 0.4, 0.4, 0.4, 0.1)
-    return aug.normalize(image)
+    return aug.to_pixels(image)
 
 
 def resnet(image_bytes, seed, size: int = 224) -> tf.Tensor:
@@ -75,7 +75,7 @@ def resnet(image_bytes, seed, size: int = 224) -> tf.Tensor:
     image = _scale_jittered_crop(image_bytes, size, (256, 480), seeds[0], seeds[1])
     image = aug.random_flip(image, seeds[2])
     image = aug.photometric_distort(tf.clip_by_value(image / 255.0, 0.0, 1.0), seeds[3])
-    return aug.normalize(aug.pca_lighting(image, seeds[4]))
+    return aug.to_pixels(aug.pca_lighting(image, seeds[4]))
 
 
 def inception_crop_flip(image_bytes, seed, size: int = 224) -> tf.Tensor:
@@ -83,20 +83,20 @@ def inception_crop_flip(image_bytes, seed, size: int = 224) -> tf.Tensor:
     seeds = aug.split_seed(seed, 2)
     image = aug.decode_and_inception_crop(image_bytes, seeds[0])
     image = aug.resize_square(aug.to_float(image), size)
-    return aug.normalize(aug.random_flip(image, seeds[1]))
+    return aug.to_pixels(aug.random_flip(image, seeds[1]))
 
 
 def scale_crop(image_bytes, seed, size: int = 224) -> tf.Tensor:
     """Light, mirror-free augmentation (digits, text): shorter side S ~ U[size, 8/7 size], random crop."""
     seeds = aug.split_seed(seed, 2)
     short_side = aug.sample_short_side(size, round(size * 8 / 7), seeds[0])
-    return aug.normalize(aug.decode_and_rescaled_crop(image_bytes, size, short_side, seeds[1]) / 255.0)
+    return aug.to_pixels(aug.decode_and_rescaled_crop(image_bytes, size, short_side, seeds[1]) / 255.0)
 
 
 def evaluation(image_bytes, seed=None, size: int = 224, crop_fraction: float = 0.875) -> tf.Tensor:
     """Plain eval transform: short side to ``size / crop_fraction`` (256 for 224), centre ``size`` crop."""
     image = aug.decode_and_rescaled_crop(image_bytes, size, size / crop_fraction)
-    return aug.normalize(image / 255.0)
+    return aug.to_pixels(image / 255.0)
 
 
 _RECIPES = {

@@ -107,6 +107,11 @@ def test_random_method_resize_uses_several_methods():
     assert len(outs) == 4  # bilinear, area, nearest, bicubic all drawn
 
 
+def test_to_pixels_rounds_and_clips():
+    out = aug.to_pixels(tf.constant([[[-0.1, 0.5, 1.2]]])).numpy()
+    assert out.dtype == np.uint8 and out.tolist() == [[[0, 128, 255]]]
+
+
 def test_normalize():
     out = aug.normalize(tf.fill([1, 1, 3], 0.5)).numpy()[0, 0]
     np.testing.assert_allclose(out, (0.5 - np.array(aug.IMAGENET_MEAN)) / np.array(aug.IMAGENET_STD), rtol=1e-6)
@@ -121,9 +126,9 @@ def test_recipe_inside_tf_data_equals_eager(name):
     graph = [x.numpy() for x in ds]
     for i, (image_bytes, out) in enumerate(zip(data, graph)):
         eager = transform(tf.constant(image_bytes), tf.constant([5, i], tf.int64), 96).numpy()
-        assert out.shape == (96, 96, 3) and out.dtype == np.float32
-        np.testing.assert_allclose(out, eager, rtol=1e-5, atol=1e-5)
-        assert -3 < out.min() and out.max() < 3  # normalised scale
+        assert out.shape == (96, 96, 3) and out.dtype == np.uint8  # normalised on the device
+        np.testing.assert_allclose(out, eager, atol=1)  # rounding of values within 1e-5 of .5 may differ
+        assert out.std() > 5  # an image, not a constant
 
 
 def test_unknown_recipe():

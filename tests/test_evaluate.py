@@ -16,7 +16,8 @@ from flaxnets.convert import save_converted
 from input_pipeline.pipeline import make_dataset
 from input_pipeline.sources import load_source
 from train.evaluate import EvaluationError, Member, evaluate, load_member, main, member_probabilities
-from train.protocols import PROTOCOLS, crop_probabilities, get_protocol, mean_probabilities, normalized_views
+from train.protocols import PROTOCOLS, crop_probabilities, get_protocol, mean_probabilities, pixel_views
+from train.steps import normalize_images
 from train.recipes import DEFAULT_RECIPE, get_recipe
 from train.trainer import RunConfig, run
 
@@ -45,14 +46,14 @@ def random_member(name="resnet18", size=16, seed=0, directory="random"):
 def test_view_counts_and_shapes(name, views):
     protocol = get_protocol(name)
     assert protocol.num_views(224) == views
-    out = normalized_views(protocol, IMAGE, 224, protocol.scales(224))
+    out = pixel_views(protocol, IMAGE, 224, protocol.scales(224))
     if protocol.dense:
         # Q = S-32, S, S+32 for a 224 px model trained at S = 256; the image is 300x400.
         assert [tuple(v.shape) for v in out] == [(1, q, round(q * 4 / 3), 3) for q in (224, 256, 288) for _ in "ab"]
         assert protocol.scales(224, jittered=True) == (256, 384, 512)
     else:
         assert out.shape == (views, 224, 224, 3)
-        assert abs(float(tf.reduce_mean(out))) < 1.0  # normalised, not on the 0-255 scale
+        assert out.dtype == tf.uint8 and 50 < float(tf.reduce_mean(tf.cast(out, tf.float32))) < 200
     # Smaller models get proportionally smaller scales.
     assert protocol.num_views(32) == views
 
@@ -106,7 +107,7 @@ def test_center_protocol_matches_an_independent_forward_pass(digits_test):
     member = random_member()
     probs, labels = member_probabilities(member, get_protocol("center"), digits_test, progress=False)
     batches = list(make_dataset(digits_test, batch_size=120, train=False, image_size=16).as_numpy_iterator())
-    logits = np.concatenate([member.model.apply(member.variables, b["image"]) for b in batches])
+    logits = np.concatenate([member.model.apply(member.variables, normalize_images(b["image"])) for b in batches])
     np.testing.assert_array_equal(labels, np.concatenate([b["label"] for b in batches]))
     np.testing.assert_allclose(probs, jax.nn.softmax(logits), atol=1e-5)
     result = evaluate([member], "center", digits_test, progress=False)

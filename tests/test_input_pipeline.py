@@ -26,7 +26,7 @@ def test_training_batches_are_deterministic_per_seed(digits):
     make = lambda seed: make_dataset(digits["train"], batch_size=16, train=True, recipe="inception",
                                      image_size=32, seed=seed, process_index=0, process_count=1)
     a, b, c = _first(make(0)), _first(make(0)), _first(make(1))
-    assert a[0]["image"].shape == (16, 32, 32, 3) and a[0]["image"].dtype == np.float32
+    assert a[0]["image"].shape == (16, 32, 32, 3) and a[0]["image"].dtype == np.uint8
     assert a[0]["label"].dtype == np.int32
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["image"], y["image"])
@@ -69,7 +69,7 @@ def test_training_global_batches_are_identical_on_any_process_count(digits):
     """Process i of n holds rows i, i+n, ... of each global batch, bit for bit, augmentation included."""
     make = lambda index, count: _first(make_dataset(
         digits["train"], batch_size=16, train=True, recipe="resnet", image_size=16, seed=3,
-        process_index=index, process_count=count), n=3)
+        process_index=index, process_count=count, input_order="global"), n=3)
     whole = make(0, 1)
     for count in (2, 4):
         shards = [make(index, count) for index in range(count)]
@@ -78,6 +78,59 @@ def test_training_global_batches_are_identical_on_any_process_count(digits):
                 assert shard[step]["image"].shape == (16 // count, 16, 16, 3)
                 np.testing.assert_array_equal(shard[step]["image"], batch["image"][index::count])
                 np.testing.assert_array_equal(shard[step]["label"], batch["label"][index::count])
+
+
+def _one_image_per_class(tmp_path, count):
+    """A folder source of ``count`` classes holding one distinct image each: label = identity."""
+    from PIL import Image
+
+    for k in range(count):
+        (tmp_path / f"c{k:03d}").mkdir()
+        Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(tmp_path / f"c{k:03d}" / "x.png")
+    return load_source(str(tmp_path))
+
+
+def test_per_host_reading_splits_each_epoch_into_disjoint_shares(tmp_path):
+    """By default process i of n reads only its own records: disjoint, and together the epoch."""
+    source = _one_image_per_class(tmp_path, 48)
+    epoch = lambda index, count, seed=0: np.concatenate([b["label"] for b in make_dataset(
+        source, batch_size=8, train=True, recipe="scale_crop", image_size=8, seed=seed,
+        process_index=index, process_count=count).take(48 // 8).as_numpy_iterator()])
+    for count in (1, 2, 4):
+        shares = [epoch(index, count) for index in range(count)]
+        assert all(len(share) == 48 // count for share in shares)
+        assert sorted(np.concatenate(shares).tolist()) == list(range(48)), count
+    np.testing.assert_array_equal(epoch(1, 2), epoch(1, 2))  # deterministic for a topology and seed
+    assert not np.array_equal(epoch(1, 2), epoch(1, 2, seed=1))
+    assert not np.array_equal(epoch(0, 2), np.sort(epoch(0, 2)))  # shuffled
+
+
+@pytest.mark.parametrize("order", ["per_host", "global"])
+def test_mid_epoch_resume_continues_exactly_without_decoding_the_skipped_batches(order, digits, monkeypatch):
+    make = lambda skip: make_dataset(digits["train"], batch_size=8, train=True, recipe="resnet", image_size=16,
+                                     seed=5, process_index=1, process_count=2, input_order=order, skip_batches=skip)
+    whole = _first(make(0), n=5)
+    for a, b in zip(whole[3:], _first(make(3), n=2)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+    import tensorflow as tf
+
+    from input_pipeline import pipeline
+    from input_pipeline.recipes import Recipe
+    from input_pipeline.sources import Source
+
+    decoded = []
+    spy = Recipe("spy", lambda image, seed, size: tf.py_function(
+        lambda b: decoded.append(int(b.numpy())) or np.zeros((size, size, 3), np.uint8), [image], tf.uint8), "")
+    monkeypatch.setattr(pipeline, "get_recipe", lambda name: spy)
+    numbered = Source("numbered", "train", 400, ("a",), lambda i, n, seed=None: tf.data.Dataset.from_tensor_slices(
+        {"image": [str(k).encode() for k in range(i, 400, n)], "label": [0] * len(range(i, 400, n))}))
+    ds = make_dataset(numbered, batch_size=8, train=True, image_size=4, process_index=1, process_count=2,
+                      input_order=order, skip_batches=10, shuffle_buffer=1)
+    next(iter(ds))
+    # This process's 10 skipped batches of 4 are records 1, 3, ..., 79 in both orders: none was decoded.
+    assert min(decoded) == 81, sorted(decoded)[:5]
 
 
 def test_an_undecodable_example_is_skipped_not_fatal(tmp_path):

@@ -145,7 +145,7 @@ def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_di
     this seed), and later steps grow it tenfold per step; a topology that mis-scales or
     mis-averages its gradients is off by 50% or more there.
     """
-    common = ["--data-dir", data_dir, "--no-progress", "--epochs", "2", "--set", "image_size=16",
+    common = ["--data-dir", data_dir, "--no-progress", "--epochs", "2", "--set", "image_size=16", "--input-order", "global",
               "--set", "batch_size=64", "--set", "warmup_epochs=0", "--log-every", "1"]
     procs = {f"devices{n}": _python([*common, "--workdir", str(tmp_path / f"devices{n}"), "--max-steps", "1"],
                                     devices=n) for n in (1, 2, 4)}

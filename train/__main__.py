@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-steps", type=int, help="stop after this many steps, saving a checkpoint (resume later)")
     add("--log-every", type=int, default=10, help="steps between progress updates")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--input-order", choices=("per_host", "global"), default="per_host",
+        help="per_host: each process reads only its share of the data; global: all processes read everything "
+             "in one order, for batches identical on any number of processes (small data, comparisons)")
     multi = parser.add_argument_group("multi-host (TPU pods, multi-node GPU)")
     multi.add_argument("--distributed", action="store_true",
                        help="call jax.distributed.initialize() (auto-detects on Cloud TPU and SLURM)")
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         config = validate_config(RunConfig(
             workdir=args.workdir, data_dir=args.data_dir, download=args.download, accelerator=args.accelerator,
             precision=args.precision, seed=args.seed, resume=args.resume, init_from=args.init_from,
-            log_every=args.log_every, max_steps=args.max_steps, progress=not args.no_progress))
+            log_every=args.log_every, max_steps=args.max_steps, progress=not args.no_progress,
+            input_order=args.input_order))
         _check_multi_host(args)
         _start_distributed(args)
         summary = run(recipe, config)

@@ -30,7 +30,8 @@ from input_pipeline.pipeline import pad_batch
 from input_pipeline.sources import Source
 from train.checkpoints import restore_newest
 from train.protocols import (PROTOCOLS, Protocol, crop_probabilities, dense_probabilities, get_protocol,
-                             normalized_views)
+                             pixel_views)
+from train.steps import normalize_images
 from train.trainer import RUN_INFO, eval_source, print_error
 
 
@@ -119,6 +120,15 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
     return Member(directory, model, variables, image_size or info["image_size"], info["dataset"], label, jittered)
 
 
+def _recorded_data_dir(directory: str) -> str | None:
+    """The tfds data directory the run in ``directory`` trained with (None if unrecorded)."""
+    try:
+        with open(os.path.join(directory, RUN_INFO)) as f:
+            return json.load(f).get("data_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _read_run_info(path: str) -> dict[str, Any]:
     """``run.json`` as a dict, or a one-line error."""
     try:
@@ -191,7 +201,7 @@ def _image_batches(source: Source, protocol: Protocol, size: int, scales, images
         ds = ds.take(limit)
 
     def prepare(example):
-        views = normalized_views(protocol, example["image"], size, scales)
+        views = pixel_views(protocol, example["image"], size, scales)
         return {"views": tuple(views) if protocol.dense else views, "label": tf.cast(example["label"], tf.int32)}
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -219,7 +229,8 @@ def member_probabilities(member: Member, protocol: Protocol, source: Source, *, 
     probabilities, labels = [], []
     if protocol.dense:
         variables = jax.device_put(member.variables, devices[0])
-        apply = jax.jit(functools.partial(flaxnets.dense_logits, member.model))
+        apply = jax.jit(lambda variables, views: flaxnets.dense_logits(member.model, variables,
+                                                                        normalize_images(views)))
         for example in _image_batches(source, protocol, size, scales, 1, limit):
             pairs = [np.concatenate(example["views"][i:i + 2]) for i in range(0, len(example["views"]), 2)]
             probabilities.append(np.asarray(dense_probabilities(apply, variables, pairs))[None])
@@ -310,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--image-size", type=int, help="evaluate at this crop size (default: each model's training size)")
     add("--scales", help="comma-separated shorter sides overriding the protocol's (e.g. 256,384,512)")
     add("--dataset", help="data set (default: the one the model was trained on; needed for converted weights)")
-    add("--data-dir", help="tensorflow-datasets data directory")
+    add("--data-dir", help="tensorflow-datasets data directory (default: the training run's)")
     add("--download", action="store_true", help="let tfds download a data set that is not prepared")
     add("--batch-views", type=int, default=256, help="views per device step (crop protocols)")
     add("--limit", type=int, help="evaluate only the first N examples (of each process)")
@@ -335,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
         check_sizes(members, names, scales)
         dataset = args.dataset or members[0].dataset or "imagenet2012"
-        source = eval_source(dataset, args.data_dir, args.download)
+        source = eval_source(dataset, args.data_dir or _recorded_data_dir(args.workdir), args.download)
         results = []
         for name in names:
             result = evaluate(members, name, source, scales=scales, batch_views=args.batch_views, limit=args.limit,

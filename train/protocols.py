@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from input_pipeline import augment as aug
 from input_pipeline import views
+from train.steps import normalize_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +98,12 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
-def normalized_views(protocol: Protocol, image_bytes: tf.Tensor, size: int, scales: tuple[int, ...]):
-    """The protocol's views of one encoded image, normalised as the models expect."""
+def pixel_views(protocol: Protocol, image_bytes: tf.Tensor, size: int, scales: tuple[int, ...]):
+    """The protocol's views of one encoded image as uint8 pixels (normalised later, on the device)."""
     out = protocol.make_views(image_bytes, size, scales)
     if isinstance(out, list):
-        return [aug.normalize(view / 255.0) for view in out]
-    return aug.normalize(out / 255.0)
+        return [aug.to_pixels(view / 255.0) for view in out]
+    return aug.to_pixels(out / 255.0)
 
 
 def mean_probabilities(logits: jax.Array, axis: int) -> jax.Array:
@@ -111,9 +112,10 @@ def mean_probabilities(logits: jax.Array, axis: int) -> jax.Array:
 
 
 def crop_probabilities(model: nn.Module, variables, views_batch: jax.Array) -> jax.Array:
-    """(B, V, H, W, 3) views -> (B, classes) probabilities averaged over each image's V views."""
+    """(B, V, H, W, 3) uint8 (or normalised) views -> (B, classes) probabilities averaged over each image's V views."""
     b, v = views_batch.shape[:2]
-    logits = model.apply(variables, views_batch.reshape(b * v, *views_batch.shape[2:]), train=False)
+    views = normalize_images(views_batch.reshape(b * v, *views_batch.shape[2:]))
+    logits = model.apply(variables, views, train=False)
     return mean_probabilities(logits.reshape(b, v, -1), axis=1)
 
 

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from flaxnets.layers import IMAGENET_MEAN, IMAGENET_STD
+
 
 class TrainState(struct.PyTreeNode):
     """Everything a run needs to continue exactly: weights, statistics, optimizer and bookkeeping.
@@ -43,15 +45,24 @@ class TrainState(struct.PyTreeNode):
 def create_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int, seed: int) -> TrainState:
     """Initialises weights (the model's own initialisers) and the optimizer for NHWC inputs."""
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-    variables = model.init(init_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-    params = variables["params"]
+
+    # One compiled program: run eagerly, the initialisers dispatch (and compile) op by op, over a
+    # hundred small programs for a ResNet.
+    @jax.jit
+    def arrays():
+        variables = model.init(init_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+        params = variables["params"]
+        # ema_params is a separate buffer: the jitted step donates the state, and one buffer
+        # must not be donated twice.
+        return params, variables.get("batch_stats", {}), tx.init(params), jax.tree.map(jnp.copy, params)
+
+    params, batch_stats, opt_state, ema_params = arrays()
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        # A copy: the jitted step donates the state, and one buffer must not be donated twice.
-        ema_params=jax.tree.map(jnp.copy, params),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema_params,
         rng=dropout_key,
         lr_scale=jnp.ones((), jnp.float32),
         plateau_best=jnp.full((), -1.0, jnp.float32),
@@ -59,6 +70,18 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, image_size:
         apply_fn=model.apply,
         tx=tx,
     )
+
+
+def normalize_images(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+    """uint8 pixels to ``(x / 255 - mean) / std`` in float32, on the device; float input passes through.
+
+    The input pipeline sends uint8 (a quarter of float32's bytes); XLA fuses this into the first
+    convolution's input, and the model casts it to its compute dtype.
+    """
+    if images.dtype != jnp.uint8:
+        return images
+    scale = 1.0 / (255.0 * jnp.asarray(std, jnp.float32))
+    return images.astype(jnp.float32) * scale - jnp.asarray(mean, jnp.float32) / jnp.asarray(std, jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
@@ -76,19 +99,25 @@ def train_step(
     label_smoothing: float = 0.0,
     aux_loss_weight: float = 0.0,
     ema_decay: float | None = None,
+    image_mean: tuple[float, ...] = IMAGENET_MEAN,
+    image_std: tuple[float, ...] = IMAGENET_STD,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a (global) batch; returns the new state and its loss/accuracy/lr.
+
+    ``batch["image"]`` is uint8 (normalised here with ``image_mean``/``image_std``) or an
+    already normalised float array.
 
     BatchNorm statistics are computed over the whole global batch (the batch axis is sharded
     and XLA reduces across devices). Auxiliary classifiers (GoogLeNet) add ``aux_loss_weight``
     times their cross-entropy.
     """
     dropout_key = jax.random.fold_in(state.rng, state.step)
+    images = normalize_images(batch["image"], image_mean, image_std)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
         logits, updates = state.apply_fn(
-            variables, batch["image"], train=True, rngs={"dropout": dropout_key},
+            variables, images, train=True, rngs={"dropout": dropout_key},
             mutable=["batch_stats", "aux_logits"],
         )
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing)
@@ -111,11 +140,16 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, use_ema: bool = False) -> dict[str, jax.Array]:
-    """Sums of correct top-1/top-5 predictions and of examples over the batch's real (masked) rows."""
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, use_ema: bool = False,
+              image_mean: tuple[float, ...] = IMAGENET_MEAN,
+              image_std: tuple[float, ...] = IMAGENET_STD) -> dict[str, jax.Array]:
+    """Sums of correct top-1/top-5 predictions and of examples over the batch's real (masked) rows.
+
+    Images as in :func:`train_step`: uint8 (normalised here) or normalised float.
+    """
     params = state.ema_params if use_ema else state.params
     variables = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
-    logits = state.apply_fn(variables, batch["image"], train=False)
+    logits = state.apply_fn(variables, normalize_images(batch["image"], image_mean, image_std), train=False)
     mask = batch.get("mask", jnp.ones(batch["label"].shape, bool))
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     correct5 = jnp.any(top5 == batch["label"][:, None], axis=-1)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import flaxnets
 from flaxnets.pretrained import merge_by_shape
 from flaxnets.convert import META_FILE
-from input_pipeline.pipeline import global_batches, make_dataset
+from input_pipeline.pipeline import INPUT_ORDERS, global_batches, make_dataset
 from input_pipeline.sources import Source, load_source
 from train.checkpoints import Checkpoints
 from train.optim import make_optimizer, make_schedule
@@ -58,6 +58,8 @@ class RunConfig:
       log_every: steps between progress updates (each one syncs with the device).
       max_steps: stop (saving a checkpoint) after this many steps in total; None for no limit.
       progress: show a progress bar.
+      input_order: ``per_host`` (each process reads only its share of the records) or ``global``
+        (every process reads all of them in one order: the same batches on any topology).
     """
 
     workdir: str = "workdir"
@@ -72,6 +74,7 @@ class RunConfig:
     log_every: int = 10
     max_steps: int | None = None
     progress: bool = True
+    input_order: str = "per_host"
 
 
 def select_devices(accelerator: str) -> list[jax.Device]:
@@ -108,6 +111,8 @@ def validate_config(config: RunConfig) -> RunConfig:
             problems.append(f"{key} (--{key.replace('_', '-')}) must be {kind}; got {value!r}")
     if config.accelerator not in ("cpu", "gpu", "tpu"):
         problems.append(f"accelerator must be cpu, gpu or tpu; got {config.accelerator!r}")
+    if config.input_order not in INPUT_ORDERS:
+        problems.append(f"input order must be one of {', '.join(INPUT_ORDERS)}; got {config.input_order!r}")
     if config.precision not in ("fp32", "bf16"):
         problems.append(f"precision must be fp32 or bf16; got {config.precision!r}")
     problems += _workdir_problems(config.workdir)
@@ -330,11 +335,12 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
                       f"images, {train_source.num_classes} classes, {image_size}px, {recipe.epochs} epochs x "
                       f"{steps_per_epoch} steps of {recipe.batch_size} on {len(devices)} {config.accelerator} device(s)")
         while step < total_steps:
-            epoch = step // steps_per_epoch
+            epoch, done = divmod(step, steps_per_epoch)
             ds = make_dataset(train_source, batch_size=recipe.batch_size, train=True, recipe=recipe.augmentation,
-                              image_size=image_size, seed=config.seed * 100_003 + epoch)
-            ds = ds.take(steps_per_epoch).skip(step % steps_per_epoch)
-            bar = _progress(config.progress and is_main, epoch, recipe.epochs, steps_per_epoch, step % steps_per_epoch)
+                              image_size=image_size, seed=config.seed * 100_003 + epoch,
+                              input_order=config.input_order, skip_batches=done)
+            ds = ds.take(steps_per_epoch - done)
+            bar = _progress(config.progress and is_main, epoch, recipe.epochs, steps_per_epoch, done)
             pending, losses, tick, images = [], [], time.perf_counter(), 0
             for batch in global_batches(ds, data_sharding):
                 state, metrics = jit_train(state, batch)
@@ -394,8 +400,9 @@ def _diverged(loss: float, step: int, last_good: int | None, last_dir: str) -> s
 
 def _write_run_info(config: RunConfig, recipe: Recipe, num_classes: int, image_size: int) -> None:
     """Records what was trained in ``run.json``, so ``python -m train.evaluate`` can rebuild the model."""
-    info = {"model": recipe.model, "dataset": recipe.dataset, "num_classes": num_classes, "image_size": image_size,
-            "precision": config.precision, "recipe": dataclasses.asdict(recipe)}
+    data_dir = os.path.abspath(os.path.expanduser(config.data_dir)) if config.data_dir else None
+    info = {"model": recipe.model, "dataset": recipe.dataset, "data_dir": data_dir, "num_classes": num_classes,
+            "image_size": image_size, "precision": config.precision, "recipe": dataclasses.asdict(recipe)}
     with open(os.path.join(config.workdir, RUN_INFO), "w") as f:
         json.dump(info, f, indent=2)
 
