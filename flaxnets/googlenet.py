@@ -133,6 +133,8 @@ class GoogLeNet(nn.Module):
       aux_dropout_rate: dropout in the auxiliary heads (paper: 0.7).
       dtype: compute dtype; parameters are ``param_dtype``.
       param_dtype: parameter dtype.
+      frozen_bn: BatchNorm normalises with its running statistics and leaves them unchanged even
+        when ``train`` is True (fine-tuning with frozen statistics); dropout still follows ``train``.
     """
 
     batch_norm: bool = False
@@ -148,6 +150,7 @@ class GoogLeNet(nn.Module):
     aux_dropout_rate: float = 0.7
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    frozen_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -158,7 +161,7 @@ class GoogLeNet(nn.Module):
                 Conv, use_bias=False, kernel_init=nn.initializers.he_normal(),
                 dtype=self.dtype, param_dtype=self.param_dtype,
             )
-            norm = batch_norm(train, self.dtype, epsilon=self.bn_epsilon, param_dtype=self.param_dtype)
+            norm = batch_norm(train and not self.frozen_bn, self.dtype, epsilon=self.bn_epsilon, param_dtype=self.param_dtype)
         else:
             # Without BN a 22-layer plain net needs a scale-aware init: Xavier with bias 0.2, as in
             # the BVLC reproduction of the paper.

@@ -58,7 +58,7 @@ def pretrained(
       flaxnets.download.WeightsUnavailableError: the file is not cached and cannot be downloaded.
       ValueError: a file that is not a checkpoint of this architecture, or fails its hash check.
     """
-    if tag is not None and _is_location(tag):
+    if tag is not None and is_checkpoint_location(tag):
         options, variables = _convert_file(name, tag, {})
     else:
         options, variables = _load_published(weights_info(name, tag), progress)
@@ -81,6 +81,22 @@ def with_new_head(model: nn.Module, loaded: dict[str, Any], input_size: int, see
     return merge_by_shape(jax.tree.map(np.asarray, fresh), loaded)
 
 
+def classifier_mask(model: nn.Module, input_size: int) -> dict[str, Any]:
+    """The model's params as a tree of bools: True for the leaves sized by ``num_classes``.
+
+    Those are the classifier layers (GoogLeNet's auxiliary ones included), found by comparing the
+    parameter shapes for two class counts (``jax.eval_shape``: nothing is computed). Use it to
+    give the head its own learning rate or to freeze everything else (``optax.multi_transform``).
+    """
+    dummy = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+
+    def shapes(num_classes: int) -> Any:
+        return jax.eval_shape(model.clone(num_classes=num_classes).init, jax.random.key(0), dummy)["params"]
+
+    one, other = shapes(model.num_classes), shapes(model.num_classes + 1)
+    return jax.tree.map(lambda a, b: a.shape != b.shape, one, other)
+
+
 def merge_by_shape(fresh: Any, loaded: Any) -> Any:
     """The tree of ``fresh`` with each leaf taken from ``loaded`` where both exist with one shape."""
     if isinstance(fresh, dict):
@@ -89,7 +105,8 @@ def merge_by_shape(fresh: Any, loaded: Any) -> Any:
     return loaded if loaded is not None and np.shape(loaded) == np.shape(fresh) else fresh
 
 
-def _is_location(tag: str) -> bool:
+def is_checkpoint_location(tag: str) -> bool:
+    """Whether a ``tag`` names a checkpoint file (a path or URL) rather than a published tag."""
     return "/" in tag or os.sep in tag or tag.endswith((".pth", ".pt", ".safetensors")) or "://" in tag
 
 

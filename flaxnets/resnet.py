@@ -115,6 +115,8 @@ class ResNet(nn.Module):
       num_classes: classifier outputs.
       dtype: compute dtype; parameters are ``param_dtype``.
       param_dtype: parameter dtype.
+      frozen_bn: BatchNorm normalises with its running statistics and leaves them unchanged even
+        when ``train`` is True (fine-tuning with frozen statistics); dropout still follows ``train``.
     """
 
     stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
@@ -125,12 +127,13 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    frozen_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, self)
         conv = bias_free_conv(self.dtype, self.param_dtype)
-        norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype)
+        norm = batch_norm(train and not self.frozen_bn, self.dtype, param_dtype=self.param_dtype)
 
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), name="conv1")(x)

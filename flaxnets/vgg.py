@@ -56,6 +56,8 @@ class VGG(nn.Module):
       kernel_init: weight init of every layer (paper: N(0, 0.01); Glorot also works).
       dtype: compute dtype; parameters are ``param_dtype``.
       param_dtype: parameter dtype.
+      frozen_bn: BatchNorm normalises with its running statistics and leaves them unchanged even
+        when ``train`` is True (fine-tuning with frozen statistics); dropout still follows ``train``.
     """
 
     stage_kernels: tuple[tuple[int, ...], ...] = _CONFIGS["D"]
@@ -67,6 +69,7 @@ class VGG(nn.Module):
     kernel_init: Callable = nn.initializers.normal(0.01)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    frozen_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
@@ -80,7 +83,7 @@ class VGG(nn.Module):
         conv = functools.partial(
             Conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init
         )
-        norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype) if self.batch_norm else None
+        norm = batch_norm(train and not self.frozen_bn, self.dtype, param_dtype=self.param_dtype) if self.batch_norm else None
         x = x.astype(self.dtype)
         for stage, (width, kernels) in enumerate(zip(self.stage_widths, self.stage_kernels), start=1):
             for j, kernel in enumerate(kernels, start=1):

@@ -95,6 +95,8 @@ class Xception(nn.Module):
       dropout_rate: dropout before the classifier (paper: 0.5 on ImageNet).
       dtype: compute dtype; parameters are ``param_dtype``.
       param_dtype: parameter dtype.
+      frozen_bn: BatchNorm normalises with its running statistics and leaves them unchanged even
+        when ``train`` is True (fine-tuning with frozen statistics); dropout still follows ``train``.
     """
 
     middle_blocks: int = 8
@@ -102,12 +104,13 @@ class Xception(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    frozen_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, self)
         conv = bias_free_conv(self.dtype, self.param_dtype)
-        norm = batch_norm(train, self.dtype, param_dtype=self.param_dtype)
+        norm = batch_norm(train and not self.frozen_bn, self.dtype, param_dtype=self.param_dtype)
         block = functools.partial(XceptionBlock, conv=conv, norm=norm)
 
         x = x.astype(self.dtype)

@@ -78,11 +78,27 @@ def test_every_preset_builds_an_optimizer():
     for name in list_recipes():
         recipe = get_recipe(name)
         make_schedule(recipe, 10)  # every schedule builds
-        tx = make_optimizer(recipe, optax.constant_schedule(1.0))
+        tx = make_optimizer(recipe, optax.constant_schedule(1.0), head={"kernel": False, "bias": False})
         updates, _ = tx.update(jax_zeros(params), tx.init(params), params)
         # Weight decay reaches kernels only.
         assert float(jnp.abs(updates["bias"]).max()) == 0.0
         assert (float(jnp.abs(updates["kernel"]).max()) > 0) == (recipe.weight_decay > 0)
+
+
+def test_the_head_learns_faster_and_a_frozen_backbone_not_at_all():
+    params = {"head": jnp.ones((3, 2)), "body": jnp.ones((3, 3))}
+    head = {"head": True, "body": False}
+    grads = {k: jnp.ones_like(v) for k, v in params.items()}
+    recipe = dataclasses.replace(get_recipe("finetune_sgd-cosine_10e"), weight_decay=0.0, head_lr_multiplier=10.0)
+    tx = make_optimizer(recipe, optax.constant_schedule(0.01), head=head)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["head"], -0.1, rtol=1e-6)
+    np.testing.assert_allclose(updates["body"], -0.01, rtol=1e-6)
+    frozen = make_optimizer(dataclasses.replace(recipe, freeze_backbone=True), optax.constant_schedule(0.01), head=head)
+    updates, _ = frozen.update(grads, frozen.init(params), params)
+    assert float(jnp.abs(updates["body"]).max()) == 0.0 and float(updates["head"][0, 0]) == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match="classifier mask"):
+        make_optimizer(recipe, optax.constant_schedule(0.01))
 
 
 def jax_zeros(tree):

@@ -130,7 +130,7 @@ def test_training_without_the_train_extra_says_what_to_install(tmp_path, monkeyp
 
 def test_init_from_a_directory_without_converted_weights(tmp_path, capsys):
     code = train_main(["--init-from", str(tmp_path), "--workdir", str(tmp_path / "run")])
-    one_line_error(capsys, code, "is not a `python -m flaxnets.convert` output (no model.json in it)")
+    one_line_error(capsys, code, "is neither a `python -m flaxnets.convert` output nor a training workdir (no model.json or run.json in it)")
     assert not (tmp_path / "run").exists()
 
 

@@ -33,7 +33,20 @@ def _parser() -> argparse.ArgumentParser:
     add("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: bfloat16 compute, float32 weights")
     add("--seed", type=int, default=0, help="initialisation, data order and augmentation seed")
     add("--resume", action=argparse.BooleanOptionalAction, default=True, help="continue from the workdir's newest checkpoint")
-    add("--init-from", help="start from weights converted by `python -m flaxnets.convert` (new head if classes differ)")
+    add("--init-from", help="start from a `python -m flaxnets.convert` directory or a trained workdir "
+                            "(new head if the classes differ)")
+    tune = parser.add_argument_group("fine-tuning")
+    tune.add_argument("--pretrained", nargs="?", const="default", metavar="TAG",
+                      help="start from the model's published weights (TAG: see flaxnets.list_pretrained(); a "
+                           ".pth/.safetensors path or URL also works) with a new head for the data set, and use the "
+                           "weights' preprocessing; without --recipe it picks the finetune recipe")
+    tune.add_argument("--linear-probe", action="store_true",
+                      help="train only the classifier: the backbone and its BatchNorm statistics stay as loaded")
+    tune.add_argument("--freeze-bn", action="store_true", help="BatchNorm uses and keeps its running statistics")
+    tune.add_argument("--head-lr-multiplier", type=float, help="the classifier's lr as a multiple of the schedule's")
+    add("--compilation-cache", metavar="DIR",
+        help="JAX's persistent compilation cache, so a rerun or a resume skips compiling "
+             "(default: $FLAXNETS_HOME/jax_cache or ~/.cache/flaxnets/jax_cache; 'none' turns it off)")
     add("--max-steps", type=int, help="stop after this many steps, saving a checkpoint (resume later)")
     add("--log-every", type=int, default=10, help="steps between progress updates")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -50,16 +63,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args):
-    from train.recipes import DEFAULT_RECIPE, get_recipe, override, recipe_for_model
+    from train.recipes import DEFAULT_RECIPE, FINETUNE_RECIPE, get_recipe, override, recipe_for_model
 
     if args.recipe:
         recipe = get_recipe(args.recipe)
+    elif args.pretrained:
+        recipe = get_recipe(FINETUNE_RECIPE)
     elif args.model:
         recipe = dataclasses.replace(recipe_for_model(args.model), dataset="flaxnets_digits")
     else:
         recipe = get_recipe(DEFAULT_RECIPE)
     changes = {k: v for k, v in (("model", args.model), ("dataset", args.dataset), ("epochs", args.epochs),
-                                 ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+                                 ("batch_size", args.batch_size), ("lr", args.lr),
+                                 ("head_lr_multiplier", args.head_lr_multiplier)) if v is not None}
+    if args.linear_probe:
+        changes.update(freeze_backbone=True, frozen_bn=True)
+    if args.freeze_bn:
+        changes["frozen_bn"] = True
     if "model" in changes:
         import flaxnets
 
@@ -92,6 +112,27 @@ def _start_distributed(args) -> None:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.distributed:
         jax.distributed.initialize()
+
+
+def _enable_compilation_cache(directory: str | None) -> None:
+    """Points JAX's persistent compilation cache at ``directory`` (default: the flaxnets cache).
+
+    An explicit ``JAX_COMPILATION_CACHE_DIR`` wins over the default; ``none`` turns the cache off.
+    """
+    import jax
+
+    if directory is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    if directory is not None and directory.lower() == "none":
+        return
+    if directory is None:
+        from flaxnets.download import cache_dir
+
+        directory = os.path.join(cache_dir(), "jax_cache")
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    # Programs that compile in under a second are cheaper to rebuild than to read.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 # What `pip install flaxnets` leaves out and training needs (the [train] extra).
@@ -129,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             workdir=args.workdir, data_dir=args.data_dir, download=args.download, accelerator=args.accelerator,
             precision=args.precision, seed=args.seed, resume=args.resume, init_from=args.init_from,
             log_every=args.log_every, max_steps=args.max_steps, progress=not args.no_progress,
-            input_order=args.input_order))
+            input_order=args.input_order, pretrained=args.pretrained))
         _check_multi_host(args)
+        _enable_compilation_cache(args.compilation_cache)
         _start_distributed(args)
         summary = run(recipe, config)
     except (KeyError, ValueError, TrainingError, DatasetNotReadyError, BadImageError, OSError) as err:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import optax
 
@@ -35,9 +37,26 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """L2 weight decay added to the gradient, then SGD with (Nesterov) momentum, as PyTorch's SGD."""
-    return optax.chain(
-        optax.add_decayed_weights(recipe.weight_decay, mask=_decay_mask),
-        optax.sgd(schedule, momentum=recipe.momentum or None, nesterov=recipe.nesterov),
-    )
+def make_optimizer(recipe: Recipe, schedule: optax.Schedule, head: Any = None) -> optax.GradientTransformation:
+    """L2 weight decay added to the gradient, then SGD with (Nesterov) momentum, as PyTorch's SGD.
+
+    ``head`` (a tree of bools like the params, True for the classifier: see
+    ``flaxnets.pretrained.classifier_mask``) is needed when the recipe sets ``head_lr_multiplier``
+    or ``freeze_backbone``: the head then runs at the multiplied rate, and a frozen backbone gets
+    exactly zero updates (no decay, no momentum).
+    """
+
+    def sgd(lr: optax.Schedule) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.add_decayed_weights(recipe.weight_decay, mask=_decay_mask),
+            optax.sgd(lr, momentum=recipe.momentum or None, nesterov=recipe.nesterov),
+        )
+
+    if recipe.head_lr_multiplier == 1.0 and not recipe.freeze_backbone:
+        return sgd(schedule)
+    if head is None:
+        raise ValueError("head_lr_multiplier and freeze_backbone need the classifier mask (head=...)")
+    multiplier = recipe.head_lr_multiplier
+    parts = {"head": sgd(lambda step: schedule(step) * multiplier),
+             "backbone": optax.set_to_zero() if recipe.freeze_backbone else sgd(schedule)}
+    return optax.multi_transform(parts, lambda params: jax.tree.map(lambda h: "head" if h else "backbone", head))

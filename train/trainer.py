@@ -18,11 +18,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flaxnets
-from flaxnets.pretrained import merge_by_shape
+from flaxnets.download import WeightsUnavailableError
+from flaxnets.pretrained import classifier_mask, is_checkpoint_location, merge_by_shape
 from flaxnets.convert import META_FILE
 from input_pipeline.pipeline import INPUT_ORDERS, global_batches, make_dataset
 from input_pipeline.sources import Source, load_source
-from train.checkpoints import Checkpoints
+from train.checkpoints import Checkpoints, restore_newest
 from train.optim import make_optimizer, make_schedule
 from train.recipes import Recipe, validate
 from train.report import Reporter
@@ -53,7 +54,12 @@ class RunConfig:
       precision: ``fp32`` or ``bf16`` (bfloat16 compute, float32 weights).
       seed: initialisation, data order and augmentation.
       resume: continue from the newest checkpoint in ``workdir`` if there is one.
-      init_from: a ``python -m flaxnets.convert`` directory to start from (new head if the classes differ).
+      init_from: a ``python -m flaxnets.convert`` directory or a finished ``python -m train`` workdir
+        (its best checkpoint) to start from; a new head if the classes differ.
+      pretrained: start from published weights: ``"default"`` (the model's best), a tag
+        (``flaxnets.list_pretrained()``), or a path/URL of a torchvision/timm checkpoint. The new
+        head is sized to the data set, and the weights' preprocessing (size, crop, mean/std) is
+        used in training and evaluation.
       keep_checkpoints: recent checkpoints kept (the best one is kept besides).
       log_every: steps between progress updates (each one syncs with the device).
       max_steps: stop (saving a checkpoint) after this many steps in total; None for no limit.
@@ -70,6 +76,7 @@ class RunConfig:
     seed: int = 0
     resume: bool = True
     init_from: str | None = None
+    pretrained: str | None = None
     keep_checkpoints: int = 3
     log_every: int = 10
     max_steps: int | None = None
@@ -116,9 +123,12 @@ def validate_config(config: RunConfig) -> RunConfig:
     if config.precision not in ("fp32", "bf16"):
         problems.append(f"precision must be fp32 or bf16; got {config.precision!r}")
     problems += _workdir_problems(config.workdir)
-    if config.init_from is not None and not os.path.isfile(os.path.join(config.init_from, META_FILE)):
-        problems.append(f"--init-from {config.init_from} is not a `python -m flaxnets.convert` output "
-                        f"(no {META_FILE} in it)")
+    if config.init_from is not None and not any(
+            os.path.isfile(os.path.join(config.init_from, name)) for name in (META_FILE, RUN_INFO)):
+        problems.append(f"--init-from {config.init_from} is neither a `python -m flaxnets.convert` output nor a "
+                        f"training workdir (no {META_FILE} or {RUN_INFO} in it)")
+    if config.init_from is not None and config.pretrained is not None:
+        problems.append("--init-from and --pretrained both give starting weights: pick one")
     if problems:
         raise TrainingError("\n".join(problems))
     return config
@@ -175,12 +185,13 @@ def _canonical(entry: tuple[str, str, str]) -> tuple[str, str, str]:
 
 
 def _check_init_from(directory: str, recipe: Recipe) -> None:
-    """Converted weights must be of the recipe's model (only the head may differ)."""
+    """Converted or trained weights must be of the recipe's model (only the head may differ)."""
+    record = META_FILE if os.path.isfile(os.path.join(directory, META_FILE)) else RUN_INFO
     try:
-        with open(os.path.join(directory, META_FILE)) as f:
+        with open(os.path.join(directory, record)) as f:
             model = json.load(f)["model"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise TrainingError(f"--init-from {directory}: unreadable {META_FILE} ({type(err).__name__}: {err})") from None
+        raise TrainingError(f"--init-from {directory}: unreadable {record} ({type(err).__name__}: {err})") from None
     if _canonical((model, "", ""))[0] != flaxnets.resolve_name(recipe.model):
         raise TrainingError(f"--init-from {directory} holds {model} weights, but the recipe trains "
                             f"{flaxnets.resolve_name(recipe.model)}")
@@ -211,8 +222,8 @@ def _load_sources(recipe: Recipe, config: RunConfig) -> tuple[Source, Source]:
     return train, eval_source(recipe.dataset, config.data_dir, config.download)
 
 
-def build_model(recipe: Recipe, num_classes: int, precision: str):
-    """The recipe's model with its overrides, for ``num_classes`` and the precision."""
+def build_model(recipe: Recipe, num_classes: int, precision: str, **options: Any):
+    """The recipe's model with its overrides (and ``options``, e.g. the weights'), for ``num_classes`` and the precision."""
     if precision not in ("fp32", "bf16"):
         raise TrainingError(f"--precision must be fp32 or bf16, not {precision!r}")
     fields = {f.name for f in dataclasses.fields(flaxnets.model_info(recipe.model).module)}
@@ -221,13 +232,48 @@ def build_model(recipe: Recipe, num_classes: int, precision: str):
         overrides["dropout_rate"] = recipe.dropout_rate
     if recipe.zero_init_residual and "zero_init_residual" in fields:
         overrides["zero_init_residual"] = True
+    if recipe.frozen_bn and "frozen_bn" in fields:
+        overrides["frozen_bn"] = True
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    return flaxnets.create_model(recipe.model, num_classes=num_classes, dtype=dtype, **overrides)
+    return flaxnets.create_model(recipe.model, num_classes=num_classes, dtype=dtype, **{**options, **overrides})
 
 
-def _init_from(state: TrainState, directory: str) -> TrainState:
-    """Copies converted weights into ``state``; leaves whose shape differs (a new head) keep their init."""
-    _, variables = flaxnets.load_converted(directory)
+def _load_init_from(directory: str) -> dict[str, Any]:
+    """The variables of a converted directory, or of a training workdir's best (else last) checkpoint."""
+    if os.path.isfile(os.path.join(directory, META_FILE)):
+        return flaxnets.load_converted(directory)[1]
+    for which in ("best", "last"):
+        found = restore_newest(os.path.join(directory, "checkpoints", which))
+        if found is not None:
+            tree = found[1]
+            return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
+    raise TrainingError(f"--init-from {directory}: no checkpoint in {os.path.join(directory, 'checkpoints')}")
+
+
+def _preprocessing(model: str, pretrained: str | None) -> tuple[flaxnets.Preprocessing, dict[str, Any]]:
+    """The weights' preprocessing and the model options they need (defaults without ``pretrained``).
+
+    A checkpoint file (path or URL) carries no metadata: it gets torchvision's ImageNet defaults.
+    """
+    if pretrained is None or is_checkpoint_location(pretrained):
+        return flaxnets.Preprocessing(), {}
+    try:
+        weights = flaxnets.weights_info(model, None if pretrained == "default" else pretrained)
+    except KeyError as err:
+        raise TrainingError(f"--pretrained: {err.args[0] if err.args else err}") from None
+    return weights.preprocessing, {k: v for k, v in weights.options.items() if k != "num_classes"}
+
+
+def _load_pretrained(model: str, pretrained: str) -> dict[str, Any]:
+    """The published (or file) weights of ``model`` as variables, with their own classifier."""
+    try:
+        return flaxnets.pretrained(model, None if pretrained == "default" else pretrained)[1]
+    except WeightsUnavailableError as err:
+        raise TrainingError(f"{err}") from None
+
+
+def _init_from(state: TrainState, variables: dict[str, Any]) -> TrainState:
+    """Copies loaded weights into ``state``; leaves whose shape differs (a new head) keep their init."""
     params = merge_by_shape(state.params, variables["params"])
     stats = merge_by_shape(state.batch_stats, variables.get("batch_stats", {})) if state.batch_stats else state.batch_stats
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), batch_stats=stats,
@@ -256,10 +302,11 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _evaluate(eval_fn, state, source, image_size, batch_size, data_sharding) -> dict[str, float]:
+def _evaluate(eval_fn, state, source, image_size, batch_size, data_sharding, crop_fraction=0.875) -> dict[str, float]:
     """Top-1/top-5 over the whole eval split (padding masked out)."""
     totals = {"top1": 0, "top5": 0, "count": 0}
-    ds = make_dataset(source, batch_size=batch_size, train=False, image_size=image_size)
+    ds = make_dataset(source, batch_size=batch_size, train=False, image_size=image_size,
+                      eval_crop_fraction=crop_fraction)
     for batch in global_batches(ds, data_sharding):
         for key, value in eval_fn(state, batch).items():
             totals[key] += int(value)
@@ -278,6 +325,7 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
       TrainingError: bad settings, a workdir of another run, or a loss that became NaN/Inf (the
         last good checkpoint is kept).
     """
+    started = time.perf_counter()
     validate(recipe)
     validate_config(config)
     devices = select_devices(config.accelerator)
@@ -288,15 +336,17 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
     _check_workdir_matches(config, recipe)
     if config.init_from:
         _check_init_from(config.init_from, recipe)
+    prep, options = _preprocessing(recipe.model, config.pretrained)
     train_source, eval_source = _load_sources(recipe, config)
     steps_per_epoch = train_source.num_examples // recipe.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"batch size {recipe.batch_size} exceeds the {train_source.num_examples} training examples")
     total_steps = steps_per_epoch * recipe.epochs
-    image_size = recipe.image_size or flaxnets.model_info(recipe.model).input_size
-    model = build_model(recipe, train_source.num_classes, config.precision)
+    image_size = recipe.image_size or (prep.crop if config.pretrained else flaxnets.model_info(recipe.model).input_size)
+    model = build_model(recipe, train_source.num_classes, config.precision, **options)
     schedule = make_schedule(recipe, steps_per_epoch)
-    tx = make_optimizer(recipe, schedule)
+    needs_head = recipe.freeze_backbone or recipe.head_lr_multiplier != 1.0
+    tx = make_optimizer(recipe, schedule, classifier_mask(model, image_size) if needs_head else None)
 
     mesh = Mesh(np.array(devices), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -307,26 +357,33 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
     if config.resume and ckpt.latest_step() is not None:
         state = _restore(ckpt, state)
         _say(is_main, f"resumed from step {int(state.step)} in {ckpt.last_dir}")
-    elif config.init_from:
+    elif config.init_from or config.pretrained:
+        flag = "--init-from" if config.init_from else "--pretrained"
         try:
-            state = jax.device_put(_init_from(state, config.init_from), replicated)
-        except (ValueError, TypeError, KeyError) as err:
+            loaded = (_load_init_from(config.init_from) if config.init_from
+                      else _load_pretrained(recipe.model, config.pretrained))
+            state = jax.device_put(_init_from(state, loaded), replicated)
+        except (ValueError, TypeError, KeyError, OSError, TrainingError) as err:
             ckpt.close()
-            raise TrainingError(f"--init-from {config.init_from} does not fit {recipe.model}: "
-                                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            text = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+            raise TrainingError(f"{flag} {config.init_from or config.pretrained} does not fit {recipe.model}: "
+                                f"{text.splitlines()[0] if text else type(err).__name__}") from None
+        _say(is_main, f"started from {flag} {config.init_from or config.pretrained}"
+                      f"{' (backbone frozen)' if recipe.freeze_backbone else ''}")
     reporter = Reporter(config.workdir, enabled=is_main)
     if is_main:
-        _write_run_info(config, recipe, train_source.num_classes, image_size)
+        _write_run_info(config, recipe, train_source.num_classes, image_size, prep)
 
     step_fn = functools.partial(train_step, num_classes=train_source.num_classes,
                                 label_smoothing=recipe.label_smoothing, aux_loss_weight=recipe.aux_loss_weight,
-                                ema_decay=recipe.ema_decay)
+                                ema_decay=recipe.ema_decay, image_mean=prep.mean, image_std=prep.std)
     jit_train = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
                         out_shardings=(replicated, replicated), donate_argnums=0)
-    jit_eval = jax.jit(eval_step, in_shardings=(replicated, data_sharding), out_shardings=replicated,
-                       static_argnames="use_ema")
+    jit_eval = jax.jit(functools.partial(eval_step, image_mean=prep.mean, image_std=prep.std),
+                       in_shardings=(replicated, data_sharding), out_shardings=replicated, static_argnames="use_ema")
     evaluate = functools.partial(_evaluate, source=eval_source, image_size=image_size,
-                                 batch_size=recipe.batch_size, data_sharding=data_sharding)
+                                 batch_size=recipe.batch_size, data_sharding=data_sharding,
+                                 crop_fraction=prep.crop / prep.resize)
 
     step = int(state.step)
     status = "finished"
@@ -344,6 +401,10 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
             pending, losses, tick, images = [], [], time.perf_counter(), 0
             for batch in global_batches(ds, data_sharding):
                 state, metrics = jit_train(state, batch)
+                if started is not None:  # users iterate on start-up time: compiling, loading, the cache
+                    jax.block_until_ready(metrics)
+                    _say(is_main, f"first step done {time.perf_counter() - started:.1f} s after start")
+                    started = None
                 step += 1
                 images += recipe.batch_size
                 pending.append(metrics)
@@ -398,11 +459,15 @@ def _diverged(loss: float, step: int, last_good: int | None, last_dir: str) -> s
     return f"loss became {loss} at step {step}; stopped. The last good checkpoint (step {last_good}) is in {last_dir}"
 
 
-def _write_run_info(config: RunConfig, recipe: Recipe, num_classes: int, image_size: int) -> None:
+def _write_run_info(config: RunConfig, recipe: Recipe, num_classes: int, image_size: int,
+                    prep: flaxnets.Preprocessing) -> None:
     """Records what was trained in ``run.json``, so ``python -m train.evaluate`` can rebuild the model."""
     data_dir = os.path.abspath(os.path.expanduser(config.data_dir)) if config.data_dir else None
     info = {"model": recipe.model, "dataset": recipe.dataset, "data_dir": data_dir, "num_classes": num_classes,
-            "image_size": image_size, "precision": config.precision, "recipe": dataclasses.asdict(recipe)}
+            "image_size": image_size, "precision": config.precision, "recipe": dataclasses.asdict(recipe),
+            "pretrained": config.pretrained, "init_from": config.init_from,
+            "preprocessing": {"mean": list(prep.mean), "std": list(prep.std),
+                              "eval_crop_fraction": prep.crop / prep.resize}}
     with open(os.path.join(config.workdir, RUN_INFO), "w") as f:
         json.dump(info, f, indent=2)
 
