@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from pathlib import Path
 import sys
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, its worker processes and the training
+# subprocesses they start: the many runs of the same small models compile each program once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flaxnets-tests-jax-cache-"))
 # The registry's torchvision is a CUDA build whose compiled ops do not load on CPU torch; its model
 # definitions need none of them, so its meta-registrations module is replaced by an empty one.
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
