@@ -1,6 +1,9 @@
-"""Evaluation protocols, ensembles and ``python -m train.evaluate`` on the embedded digits."""
+"""Evaluation protocols, ensembles and ``python -m train.evaluate`` on the embedded digits, and
+published weights (``--pretrained``) served from 127.0.0.1."""
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 
@@ -12,10 +15,14 @@ import pytest
 import tensorflow as tf
 
 import flaxnets
+from flaxnets import weights_table
 from flaxnets.convert import save_converted
+from flaxnets.weights_table import IMAGENET_MEAN, IMAGENET_STD
 from input_pipeline.pipeline import make_dataset
 from input_pipeline.sources import load_source
-from train.evaluate import EvaluationError, Member, evaluate, load_member, main, member_probabilities
+from tests.weights_server import serve
+from train.evaluate import (EvaluationError, Member, evaluate, load_member, load_pretrained_member, main,
+                            member_probabilities)
 from train.protocols import PROTOCOLS, crop_probabilities, get_protocol, mean_probabilities, pixel_views
 from train.steps import normalize_images
 from train.recipes import DEFAULT_RECIPE, get_recipe
@@ -158,3 +165,143 @@ def test_command_line_on_a_trained_run_and_on_converted_weights(tmp_path, data_d
         (name, views, 6, 2) for name, views in zip(PROTOCOLS, (1, 10, 144, 6))]
     assert os.path.getsize(tmp_path / "all.png") > 10_000
     assert "144crop   144 views" in capsys.readouterr().out
+
+
+# --- published weights (``--pretrained``), served from 127.0.0.1 -------------------------------------
+
+# resnet18.tv_in1k's table entry, with preprocessing no default would produce: a 48 px crop of a
+# shorter side of 60 (not 48 / 0.875), and per-channel mean/std that are not ImageNet's.
+ODD = weights_table.Preprocessing(resize=60, crop=48, mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3))
+
+
+@pytest.fixture(scope="module")
+def served_resnet18(tmp_path_factory):
+    """Random torchvision ResNet-18 weights under resnet18.tv_in1k's published file name, and their SHA-256."""
+    import torch
+    import torchvision
+
+    root = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    for module in model.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = root / weights_table.weights_info("resnet18", "tv_in1k").filename
+    torch.save(model.state_dict(), path)
+    return root, path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def odd_resnet18(served_resnet18, home, monkeypatch):
+    """resnet18.tv_in1k with the served file's hash and ODD preprocessing, fetched via FLAXNETS_MIRROR."""
+    root, path, sha = served_resnet18
+    table = tuple(dataclasses.replace(w, sha256_prefix=sha[:8], preprocessing=ODD, top1=12.345, top5=67.891)
+                  if w.name == "resnet18.tv_in1k" else w for w in weights_table._TABLE)
+    monkeypatch.setattr(weights_table, "_TABLE", table)
+    with serve(root) as server:
+        monkeypatch.setenv("FLAXNETS_MIRROR", server.url(""))
+        yield str(path)
+
+
+def _log_softmax(logits):
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+
+
+def test_a_published_member_is_evaluated_with_its_own_resize_crop_mean_and_std(odd_resnet18, digits_test):
+    member = load_pretrained_member("resnet18", progress=False)  # the model's only (so best) weights
+    assert (member.directory, member.image_size, member.resize, member.mean, member.std, member.dataset) == (
+        "resnet18.tv_in1k", 48, 60, ODD.mean, ODD.std, "imagenet2012")
+    assert member.source == "published resnet18.tv_in1k (top-1 12.345% reported)"
+    assert member.published == (12.345, 67.891)
+    center, dense = get_protocol("center"), get_protocol("dense")
+    assert center.scales(48, None, False, member.resize) == (60,)
+    assert get_protocol("10crop").scales(48, None, False, member.resize) == (55,)  # the paper's 256, rescaled
+
+    probs, labels = member_probabilities(member, center, digits_test, batch_views=8, limit=6, progress=False)
+    # Dense evaluation (at one scale: the image and its mirror) normalises with them too.
+    dense_probs, _ = member_probabilities(member, dense, digits_test, scales=(48,), limit=1, progress=False)
+    # Independently: decode, take the central window that a 60 px shorter side cropped to 48 px
+    # keeps (crop, then resize: the protocol's way), quantise, normalise with ODD, forward.
+    images, expected_labels = [], []
+    for example in digits_test.make(0, 1).take(6).as_numpy_iterator():
+        image = tf.io.decode_png(example["image"], channels=3).numpy()
+        short = min(image.shape[:2])
+        side = min(short, round(48 * short / 60))
+        top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+        window = image[top:top + side, left:left + side].astype(np.float32)
+        resized = tf.image.resize(window, [48, 48], method="bilinear").numpy()
+        images.append(np.round(np.clip(resized / 255, 0, 1) * 255) / 255)
+        expected_labels.append(example["label"])
+    first = next(digits_test.make(0, 1).as_numpy_iterator())["image"]
+    whole = [view.numpy()[0] / 255 for view in pixel_views(dense, first, 48, (48,))]  # 8 px -> 48 px, mirrored
+    assert len(whole) == 2 and whole[0].shape == (48, 48, 3)
+    pixels = np.stack(images + whole)
+    # One forward pass for all: centre crops and whole images with ODD's, centre crops with ImageNet's mean/std.
+    batch = np.concatenate([(pixels - ODD.mean) / ODD.std, (pixels[:6] - IMAGENET_MEAN) / IMAGENET_STD])
+    logits = _log_softmax(jax.jit(functools.partial(member.model.apply, train=False))(member.variables, batch))
+    np.testing.assert_array_equal(labels, expected_labels)
+    np.testing.assert_allclose(np.log(probs), logits[:6], atol=1e-4)
+    np.testing.assert_allclose(dense_probs[0], np.exp(logits[6:8]).mean(0), rtol=1e-4, atol=1e-7)
+    # ImageNet's mean/std would have given clearly different scores: the test can tell them apart.
+    assert np.abs(np.log(probs) - logits[8:]).max() > 1e-2
+
+
+def test_a_local_copy_of_published_weights(odd_resnet18):
+    published = load_pretrained_member("resnet18.tv_in1k", progress=False)
+    local = load_pretrained_member(f"resnet18.tv_in1k@{odd_resnet18}", image_size=96)
+    assert (local.directory, local.image_size, local.resize, local.mean) == ("resnet18.tv_in1k", 96, 120, ODD.mean)
+    assert local.source.startswith(f"resnet18.tv_in1k weights from {odd_resnet18}")
+    jax.tree.map(np.testing.assert_array_equal, local.variables, published.variables)
+    bare = load_pretrained_member(f"resnet18@{odd_resnet18}")  # no table entry: ImageNet's defaults
+    assert (bare.directory, bare.image_size, bare.resize, bare.mean, bare.published) == (
+        "resnet18", 224, None, IMAGENET_MEAN, None)
+    for bad, message in [("resnet18.in22k", "no weights tagged 'in22k'; available: tv_in1k"),
+                         ("resnet18@/no/such.pth", "/no/such.pth is not a file"),
+                         ("alexnet", "no published weights for alexnet")]:
+        with pytest.raises(EvaluationError, match=message):
+            load_pretrained_member(bad)
+
+
+def test_command_line_with_published_weights(odd_resnet18, digits_test, data_dir, tmp_path, monkeypatch, capsys):
+    # The digits' 10 labels stand in for ImageNet's 1000 classes: this checks the plumbing.
+    asked = []
+
+    def fake_imagenet(dataset, data_dir, download):
+        asked.append((dataset, data_dir))
+        return dataclasses.replace(digits_test, class_names=tuple(map(str, range(1000))))
+
+    monkeypatch.setattr("train.evaluate.eval_source", fake_imagenet)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--pretrained", "resnet18.tv_in1k", "--data-dir", data_dir, "--limit", "5", "--batch-views", "8",
+                 "--no-progress"]) == 0
+    assert asked == [("imagenet2012", data_dir)]  # the published weights' data set by default
+    result = json.load(open(tmp_path / "eval_resnet18.tv_in1k_center.json"))
+    assert (result["count"], result["image_size"], result["scales"]) == (5, 48, [60])
+    assert result["members"][0]["published_top1"] == pytest.approx(0.12345)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("          published  top-1  12.35%  top-5  67.89%  (resnet18.tv_in1k")
+    assert lines[0].index("top-1") == lines[1].index("top-1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pretrained", "resnet50", "--ema"], "--ema picks among a workdir's weights"),
+    (["--pretrained", "resnet50", "--checkpoint", "last"], "--checkpoint picks among a workdir's weights"),
+    (["--pretrained", "nosuchnet"], "--pretrained nosuchnet: unknown model 'nosuchnet'"),
+    (["--pretrained", "resnet50@"], "nothing after '@'"),
+])
+def test_pretrained_command_line_errors_are_one_line(args, message, home, capsys):
+    assert main([*args, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir", "runs/x", "--pretrained", "resnet50"], "argument --pretrained: not allowed with argument --workdir"),
+    ([], "one of the arguments --workdir --pretrained is required"),
+])
+def test_exactly_one_of_workdir_and_pretrained(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.splitlines()[-1] == f"python -m train.evaluate: error: {message}"

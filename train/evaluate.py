@@ -1,9 +1,11 @@
-"""``python -m train.evaluate --workdir DIR [--protocol center|10crop|144crop|dense|all] [--ensemble DIR ...]``
+"""``python -m train.evaluate (--workdir DIR | --pretrained MODEL[.TAG]) [--protocol NAME|all] [--ensemble DIR ...]``
 
-Evaluates a trained model (its best or last checkpoint, raw or EMA weights) or weights converted
-by ``python -m flaxnets.convert`` with one of the papers' test protocols, alone or as an ensemble
-whose members' softmax probabilities are averaged (GoogLeNet's 7 models, VGG's D+E). Prints top-1
-and top-5 and writes them as JSON; ``--protocol all`` runs every protocol and draws them side by side.
+Evaluates a trained model (its best or last checkpoint, raw or EMA weights), weights converted
+by ``python -m flaxnets.convert``, or published weights from flaxnets' table (``--pretrained``,
+with their own preprocessing: resize, crop, mean and std) with one of the papers' test protocols,
+alone or as an ensemble whose members' softmax probabilities are averaged (GoogLeNet's 7 models,
+VGG's D+E). Prints top-1 and top-5 (and the publisher's figures for published weights) and writes
+them as JSON; ``--protocol all`` runs every protocol and draws them side by side.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flaxnets
 from flaxnets.convert import META_FILE
+from flaxnets.download import WeightsUnavailableError
+from flaxnets.weights_table import IMAGENET_MEAN, IMAGENET_STD, weights_info
 from input_pipeline.pipeline import pad_batch
 from input_pipeline.sources import Source
 from train.checkpoints import restore_newest
@@ -44,13 +48,18 @@ class Member:
     """One model of an evaluation, built and with its weights.
 
     Attributes:
-      directory: the training workdir or converted-weights directory it came from.
+      directory: the training workdir or converted-weights directory it came from; for published
+        weights (:func:`load_pretrained_member`) their ``model.tag`` name.
       model: the flax module.
       variables: ``{"params"[, "batch_stats"]}``.
-      image_size: its training resolution (protocol sizes scale with it).
+      image_size: its training resolution, or published weights' crop (protocol sizes scale with it).
       dataset: the data set it was trained on (None for converted weights).
       source: which weights, e.g. ``best checkpoint, step 660, EMA``.
       scale_jittered: trained with VGG's scale jitter (dense evaluation then uses larger scales).
+      mean, std: the per-channel normalisation of its input (on the [0, 1] scale).
+      resize: the shorter side the centre protocol rescales to before its crop (None:
+        ``image_size / 0.875``); published weights' own.
+      published: the publisher's (top-1, top-5) in percent, for published weights.
     """
 
     directory: str
@@ -60,6 +69,10 @@ class Member:
     dataset: str | None
     source: str
     scale_jittered: bool = False
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: int | None = None
+    published: tuple[float, float] | None = None
 
 
 def load_member(directory: str, checkpoint: str = "best", ema: bool = False, image_size: int | None = None) -> Member:
@@ -117,7 +130,68 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
     model = flaxnets.create_model(info["model"], num_classes=info["num_classes"], dtype=dtype)
     label = f"{which} checkpoint, step {step}{', EMA' if ema else ''}"
     jittered = info["recipe"].get("augmentation") == "vgg"
-    return Member(directory, model, variables, image_size or info["image_size"], info["dataset"], label, jittered)
+    size = image_size or info["image_size"]
+    # A fine-tuned run records the preprocessing of the weights it started from.
+    prep = info.get("preprocessing") or {}
+    fraction = prep.get("eval_crop_fraction", 0.875)
+    resize = None if abs(fraction - 0.875) < 1e-9 else round(size / fraction)
+    return Member(directory, model, variables, size, info["dataset"], label, jittered,
+                  tuple(prep.get("mean", IMAGENET_MEAN)), tuple(prep.get("std", IMAGENET_STD)), resize)
+
+
+def load_pretrained_member(name: str, image_size: int | None = None, *, progress: bool = True) -> Member:
+    """Published weights from flaxnets' table (``flaxnets.list_pretrained()``) with their own preprocessing.
+
+    The weights are downloaded and cached by :func:`flaxnets.pretrained` (``FLAXNETS_MIRROR``,
+    ``FLAXNETS_OFFLINE`` and the cache apply). The member's crop, centre-protocol resize and
+    mean/std are the table's (torchvision V2 ResNet-50: resize 232, crop 224); its data set is
+    ``imagenet2012``.
+
+    Args:
+      name: ``model`` (its most accurate weights), ``model.tag`` (e.g. ``resnet50.tv2_in1k``), or
+        either followed by ``@LOCATION``, a local path or URL of a torchvision/timm checkpoint of
+        that architecture (no download from the table): ``model.tag@LOCATION`` is evaluated with
+        that entry's preprocessing, ``model@LOCATION`` with ImageNet's mean/std, the model's input
+        size and the ``size / 0.875`` resize.
+      image_size: crop at this size instead (the resize keeps the weights' resize/crop ratio).
+      progress: show the download's progress on stderr.
+
+    Raises:
+      EvaluationError: an unknown model or tag (the message lists those that exist), weights that
+        cannot be downloaded, or a file that is not a checkpoint of this architecture.
+    """
+    spec, _, location = name.partition("@")
+    model_name, _, tag = spec.partition(".")
+    if "@" in name and not location:
+        raise EvaluationError(f"--pretrained {name}: nothing after '@'; expected MODEL[.TAG]@PATH_OR_URL")
+    if location and "://" not in location:
+        if not os.path.isfile(location):
+            raise EvaluationError(f"--pretrained {name}: {location} is not a file")
+        location = os.path.abspath(location)  # never mistaken for a tag
+    weights = None
+    try:
+        weights = weights_info(model_name, tag or None) if tag or not location else None
+        model_name = weights.model if weights is not None else flaxnets.model_info(model_name).name
+        overrides = weights.options if weights is not None and location else {}
+        model, variables = flaxnets.pretrained(model_name, location or weights.tag, progress=progress, **overrides)
+    except KeyError as err:
+        raise EvaluationError(f"--pretrained {name}: {err.args[0] if err.args else err}") from None
+    except WeightsUnavailableError as err:
+        hint = f" (then --pretrained {weights.name}@PATH)" if weights is not None and not location else ""
+        raise EvaluationError(f"--pretrained {name}: {err}{hint}") from None
+    except ValueError as err:
+        raise EvaluationError(f"--pretrained {name}: {err}") from None
+    if weights is None:
+        size = image_size or flaxnets.model_info(model_name).input_size
+        return Member(model_name, model, variables, size, "imagenet2012", f"{model_name} weights from {location}")
+    pre = weights.preprocessing
+    size = image_size or pre.crop
+    resize = pre.resize if image_size is None else round(pre.resize * image_size / pre.crop)
+    label = f"published {weights.name} (top-1 {weights.top1:.3f}% reported)"
+    if location:
+        label = f"{weights.name} weights from {location} (top-1 {weights.top1:.3f}% reported)"
+    return Member(weights.name, model, variables, size, "imagenet2012", label, mean=tuple(pre.mean),
+                  std=tuple(pre.std), resize=resize, published=(weights.top1, weights.top5))
 
 
 def _recorded_data_dir(directory: str) -> str | None:
@@ -155,7 +229,7 @@ def check_sizes(members: list[Member], protocol_names: list[str], scales: tuple[
             raise EvaluationError(f"{name} needs images of at least {least} px ({why}); got image size "
                                   f"{member.image_size}")
         for protocol in map(get_protocol, protocol_names):
-            used = protocol.scales(member.image_size, scales, member.scale_jittered)
+            used = protocol.scales(member.image_size, scales, member.scale_jittered, member.resize)
             dense_least, dense_why = member.model.min_input_size(train=False, dense=True)
             if protocol.dense and min(used, default=dense_least) < dense_least:
                 raise EvaluationError(f"--scales {','.join(map(str, used))}: the dense protocol's shorter sides must "
@@ -167,6 +241,11 @@ def check_sizes(members: list[Member], protocol_names: list[str], scales: tuple[
 
 def _check_args(args) -> tuple[int, ...] | None:
     """Checks the numeric and path flags before anything is loaded; returns the parsed ``--scales``."""
+    if args.pretrained is not None:
+        for flag, given in (("--ema", args.ema), ("--checkpoint", hasattr(args, "checkpoint"))):
+            if given:
+                raise EvaluationError(f"{flag} picks among a workdir's weights; --pretrained "
+                                      f"{args.pretrained} is one published set")
     counts = {"--image-size": args.image_size, "--batch-views": args.batch_views, "--limit": args.limit}
     for flag, value in counts.items():
         if value is not None and value < 1:
@@ -219,7 +298,7 @@ def member_probabilities(member: Member, protocol: Protocol, source: Source, *, 
     Crop protocols run ``batch_views`` views per step, sharded over this process's devices;
     dense evaluation runs one image at a time (compiling once per distinct image shape).
     """
-    size, scales = member.image_size, protocol.scales(member.image_size, scales, member.scale_jittered)
+    size, scales = member.image_size, protocol.scales(member.image_size, scales, member.scale_jittered, member.resize)
     num_views = protocol.num_views(size, scales)
     devices = jax.local_devices()
     per_batch = 1 if protocol.dense else max(1, batch_views // num_views)
@@ -229,8 +308,8 @@ def member_probabilities(member: Member, protocol: Protocol, source: Source, *, 
     probabilities, labels = [], []
     if protocol.dense:
         variables = jax.device_put(member.variables, devices[0])
-        apply = jax.jit(lambda variables, views: flaxnets.dense_logits(member.model, variables,
-                                                                        normalize_images(views)))
+        apply = jax.jit(lambda variables, views: flaxnets.dense_logits(
+            member.model, variables, normalize_images(views, member.mean, member.std)))
         for example in _image_batches(source, protocol, size, scales, 1, limit):
             pairs = [np.concatenate(example["views"][i:i + 2]) for i in range(0, len(example["views"]), 2)]
             probabilities.append(np.asarray(dense_probabilities(apply, variables, pairs))[None])
@@ -240,7 +319,7 @@ def member_probabilities(member: Member, protocol: Protocol, source: Source, *, 
         mesh = Mesh(np.array(devices), ("data",))
         variables = jax.device_put(member.variables, NamedSharding(mesh, PartitionSpec()))
         data = NamedSharding(mesh, PartitionSpec("data"))
-        step = jax.jit(functools.partial(crop_probabilities, member.model))
+        step = jax.jit(functools.partial(crop_probabilities, member.model, mean=member.mean, std=member.std))
         for batch in _image_batches(source, protocol, size, scales, per_batch, limit):
             probs = np.asarray(step(variables, jax.device_put(batch["views"], data)))
             probabilities.append(probs[batch["mask"]])
@@ -285,10 +364,13 @@ def evaluate(members: list[Member], protocol_name: str, source: Source, *, scale
         if labels is not None and not np.array_equal(labels, member_labels):
             raise EvaluationError("the ensemble's members saw different examples")
         labels, total = member_labels, probs if total is None else total + probs
-        per_member.append({"directory": member.directory, "weights": member.source, **accuracy(probs, labels)})
+        published = {} if member.published is None else {
+            "published_top1": member.published[0] / 100, "published_top5": member.published[1] / 100}
+        per_member.append({"directory": member.directory, "weights": member.source, **accuracy(probs, labels),
+                           **published})
     result = accuracy(total / len(members), labels)
     first = members[0]
-    first_scales = protocol.scales(first.image_size, scales, first.scale_jittered)
+    first_scales = protocol.scales(first.image_size, scales, first.scale_jittered, first.resize)
     return {"protocol": protocol.name, "description": protocol.description,
             "views": protocol.num_views(first.image_size, first_scales), "scales": list(first_scales),
             "image_size": first.image_size,
@@ -313,12 +395,21 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--workdir", required=True, help="a `python -m train` workdir or a `python -m flaxnets.convert` output")
+    which = parser.add_mutually_exclusive_group(required=True)  # exactly one: argparse's usage error otherwise
+    which.add_argument("--workdir", help="a `python -m train` workdir or a `python -m flaxnets.convert` output")
+    which.add_argument("--pretrained", metavar="MODEL[.TAG]",
+                       help="instead of --workdir: published weights (flaxnets.list_pretrained(), e.g. "
+                            "resnet50.tv2_in1k; a bare model takes its best), evaluated with their own "
+                            "resize/crop/mean/std, on imagenet2012 by default; MODEL[.TAG]@PATH_OR_URL reads that "
+                            "checkpoint file instead of downloading")
     add("--protocol", default="center", choices=[*PROTOCOLS, "all"], help="test protocol (all: each in turn, and a PNG)")
     add("--ensemble", nargs="+", default=[], metavar="DIR", help="more models whose probabilities are averaged in")
-    add("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a workdir")
+    # Absent unless given (so that --pretrained can refuse it); best by default.
+    add("--checkpoint", choices=("best", "last"), default=argparse.SUPPRESS, help="which checkpoint of a workdir "
+        "(default: best)")
     add("--ema", action="store_true", help="evaluate the Polyak/EMA weights")
-    add("--image-size", type=int, help="evaluate at this crop size (default: each model's training size)")
+    add("--image-size", type=int, help="evaluate at this crop size (default: each model's training size, or "
+                                       "the published weights' crop)")
     add("--scales", help="comma-separated shorter sides overriding the protocol's (e.g. 256,384,512)")
     add("--dataset", help="data set (default: the one the model was trained on; needed for converted weights)")
     add("--data-dir", help="tensorflow-datasets data directory (default: the training run's)")
@@ -326,7 +417,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--batch-views", type=int, default=256, help="views per device step (crop protocols)")
     add("--limit", type=int, help="evaluate only the first N examples (of each process)")
     add("--accelerator", choices=("cpu", "gpu", "tpu"), help="platform to run on (default: JAX's default)")
-    add("--out", help="JSON output path (default: DIR/eval_<protocol>.json)")
+    add("--out", help="JSON output path (default: DIR/eval_<protocol>.json; with --pretrained, "
+                      "./eval_<model>.<tag>_<protocol>.json in the current directory)")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -342,11 +434,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.accelerator:
             jax.config.update("jax_platforms", args.accelerator if args.accelerator != "gpu" else "cuda")
         scales = _check_args(args)
-        members = [load_member(d, args.checkpoint, args.ema, args.image_size) for d in [args.workdir, *args.ensemble]]
+        checkpoint = getattr(args, "checkpoint", "best")
+        first = (load_pretrained_member(args.pretrained, args.image_size, progress=not args.no_progress)
+                 if args.pretrained else load_member(args.workdir, checkpoint, args.ema, args.image_size))
+        members = [first, *(load_member(d, checkpoint, args.ema, args.image_size) for d in args.ensemble)]
         names = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
         check_sizes(members, names, scales)
         dataset = args.dataset or members[0].dataset or "imagenet2012"
-        source = eval_source(dataset, args.data_dir or _recorded_data_dir(args.workdir), args.download)
+        data_dir = args.data_dir or (_recorded_data_dir(args.workdir) if args.workdir else None)
+        source = eval_source(dataset, data_dir, args.download)
         results = []
         for name in names:
             result = evaluate(members, name, source, scales=scales, batch_views=args.batch_views, limit=args.limit,
@@ -356,12 +452,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:8s} {result['views']:4d} views  top-1 {100 * result['top1']:6.2f}%  top-5 "
                       f"{100 * result['top5']:6.2f}%  ({result['count']} images, {len(members)} model(s), "
                       f"{result['seconds']:.0f}s)", flush=True)
+                for member in members:
+                    if member.published is not None:
+                        print(f"{'':9s}{'published':>10s}  top-1 {member.published[0]:6.2f}%  top-5 "
+                              f"{member.published[1]:6.2f}%  ({member.directory}, the publisher's own centre crop)",
+                              flush=True)
     except (KeyError, ValueError, EvaluationError, DatasetNotReadyError, BadImageError, OSError) as err:
         print_error(err)
         return 1
     if jax.process_index() == 0:
         suffix = f"_ensemble{len(members)}" if len(members) > 1 else ""
-        out = args.out or os.path.join(members[0].directory, f"eval_{args.protocol}{suffix}.json")
+        if args.out:
+            out = args.out
+        elif args.pretrained:
+            out = f"eval_{members[0].directory}_{args.protocol}{suffix}.json"
+        else:
+            out = os.path.join(members[0].directory, f"eval_{args.protocol}{suffix}.json")
         with open(out, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=2)
         written = [out]

@@ -2,7 +2,10 @@
 
 Every protocol turns one encoded image into views (``input_pipeline.views``), runs the model on
 each, and averages the softmax probabilities over the views (never the logits). Sizes are given
-for a 224 px model and scaled to the model's own training resolution.
+for a 224 px model and scaled to the model's own training resolution. Published weights bring
+their own centre-crop resize (torchvision's V2 weights: 232 for a 224 crop), which the centre
+protocol takes (``Protocol.scales(..., resize=)``), and their own mean/std, which
+:func:`crop_probabilities` takes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Protocol:
       default_scales: the paper's shorter-side sizes for a 224 px model (empty when unused).
       jittered_scales: the sizes for a model trained with scale jitter, where the paper differs.
       dense: the views are whole images that the model scores fully convolutionally.
+      own_resize: weights published with their own evaluation resize use it as this protocol's
+        shorter side (the centre crop, the protocol publishers report).
     """
 
     name: str
@@ -41,11 +46,16 @@ class Protocol:
     default_scales: tuple[int, ...] = ()
     jittered_scales: tuple[int, ...] = ()
     dense: bool = False
+    own_resize: bool = False
 
-    def scales(self, size: int, scales: tuple[int, ...] | None = None, jittered: bool = False) -> tuple[int, ...]:
-        """The shorter-side sizes for a ``size`` px model: ``scales`` if given, else the paper's, rescaled."""
+    def scales(self, size: int, scales: tuple[int, ...] | None = None, jittered: bool = False,
+               resize: int | None = None) -> tuple[int, ...]:
+        """The shorter-side sizes for a ``size`` px model: ``scales`` if given, else the weights' own
+        ``resize`` where this protocol takes it (``own_resize``), else the paper's, rescaled."""
         if scales:
             return tuple(scales)
+        if resize is not None and self.own_resize:
+            return (resize,)
         paper = self.jittered_scales if jittered and self.jittered_scales else self.default_scales
         return tuple(round(q * size / 224) for q in paper)
 
@@ -58,8 +68,9 @@ class Protocol:
 
 
 def _center(image_bytes, size, scales):
-    # The transform of the evaluation during training, so that both report the same figure.
-    return aug.decode_and_rescaled_crop(image_bytes, size, size / 0.875)[None]
+    # The transform of the evaluation during training, so that both report the same figure; the
+    # shorter side is size / 0.875 unless given (--scales, or published weights' own resize).
+    return aug.decode_and_rescaled_crop(image_bytes, size, scales[0] if scales else size / 0.875)[None]
 
 
 def _ten_crop(image_bytes, size, scales):
@@ -77,7 +88,8 @@ def _dense(image_bytes, size, scales):
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
-        Protocol("center", "one centre crop of the image resized to size/0.875 (the training-time eval)", _center),
+        Protocol("center", "one centre crop of the image resized to size/0.875 (the training-time eval), or to "
+                           "published weights' own resize", _center, own_resize=True),
         Protocol("10crop", "AlexNet/ResNet: 4 corners + centre of the image at 256, and their mirrors",
                  _ten_crop, (256,)),
         Protocol("144crop", "GoogLeNet: 4 scales x 3 squares x (5 crops + the square) x 2 mirrors",
@@ -111,10 +123,14 @@ def mean_probabilities(logits: jax.Array, axis: int) -> jax.Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).mean(axis=axis)
 
 
-def crop_probabilities(model: nn.Module, variables, views_batch: jax.Array) -> jax.Array:
-    """(B, V, H, W, 3) uint8 (or normalised) views -> (B, classes) probabilities averaged over each image's V views."""
+def crop_probabilities(model: nn.Module, variables, views_batch: jax.Array, mean=aug.IMAGENET_MEAN,
+                       std=aug.IMAGENET_STD) -> jax.Array:
+    """(B, V, H, W, 3) uint8 (or normalised) views -> (B, classes) probabilities averaged over each image's V views.
+
+    uint8 views are normalised with the weights' ``mean``/``std`` (per RGB channel, on the [0, 1] scale).
+    """
     b, v = views_batch.shape[:2]
-    views = normalize_images(views_batch.reshape(b * v, *views_batch.shape[2:]))
+    views = normalize_images(views_batch.reshape(b * v, *views_batch.shape[2:]), mean, std)
     logits = model.apply(variables, views, train=False)
     return mean_probabilities(logits.reshape(b, v, -1), axis=1)
 
