@@ -19,7 +19,7 @@ from flaxnets.convert import load_converted
 from flaxnets.dense import dense_logits
 from flaxnets.download import WeightsUnavailableError, cache_dir
 from flaxnets.features import extract_features
-from flaxnets.pretrained import pretrained
+from flaxnets.pretrained import classifier_mask, is_checkpoint_location, pretrained
 from flaxnets.preprocess import decode_predictions, imagenet_classes, preprocess
 from flaxnets.registry import ModelInfo, create_model, list_models, model_info, register, resolve_name
 from flaxnets.summary import count_params, summarize
@@ -32,6 +32,7 @@ __all__ = [
     "Weights",
     "WeightsUnavailableError",
     "cache_dir",
+    "classifier_mask",
     "count_params",
     "create_model",
     "decode_predictions",
@@ -39,6 +40,7 @@ __all__ = [
     "extract_features",
     "from_torch",
     "imagenet_classes",
+    "is_checkpoint_location",
     "list_models",
     "list_pretrained",
     "load_converted",
