@@ -138,6 +138,9 @@ def _free_port():
 def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_dir):
     """1, 2 and 4 devices and 2 processes take the same first step; 2 processes resume together.
 
+    The processes read in the global order (every process reads every record): with per-host
+    reading, the default, each topology sees other batches by design.
+
     Only the first step is compared tightly, where differences are float32 rounding: the loss
     (the same examples, augmented alike) and the classifier's update (its gradient is a plain
     matrix product). The deeper layers' gradients pass through BatchNorm's backward pass, which
@@ -145,8 +148,8 @@ def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_di
     this seed), and later steps grow it tenfold per step; a topology that mis-scales or
     mis-averages its gradients is off by 50% or more there.
     """
-    common = ["--data-dir", data_dir, "--no-progress", "--epochs", "2", "--set", "image_size=16", "--input-order", "global",
-              "--set", "batch_size=64", "--set", "warmup_epochs=0", "--log-every", "1"]
+    common = ["--data-dir", data_dir, "--no-progress", "--epochs", "2", "--set", "image_size=16",
+              "--set", "batch_size=64", "--set", "warmup_epochs=0", "--log-every", "1", "--input-order", "global"]
     procs = {f"devices{n}": _python([*common, "--workdir", str(tmp_path / f"devices{n}"), "--max-steps", "1"],
                                     devices=n) for n in (1, 2, 4)}
     outputs = {name: p.communicate(timeout=600) for name, p in procs.items()}
