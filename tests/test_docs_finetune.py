@@ -58,6 +58,7 @@ def _load_example():
 
 # First: its compiled programs (the new head's initialisation, evaluation) land in the tests' persistent
 # JAX compilation cache, which the script's subprocess below then reads.
+@pytest.mark.slow  # the same guarantee runs by default through the CLI (tests/test_finetune.py)
 def test_a_linear_probe_trains_the_head_and_leaves_the_backbone_bit_identical(checkpoint, offline):
     result = _load_example().main(["--weights", checkpoint, "--linear-probe", *QUICK, "--steps", "5"])
     _, initial = flaxnets.pretrained("resnet18", checkpoint, num_classes=10)  # what the script started from

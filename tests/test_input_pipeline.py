@@ -92,14 +92,14 @@ def _one_image_per_class(tmp_path, count):
 
 def test_per_host_reading_splits_each_epoch_into_disjoint_shares(tmp_path):
     """By default process i of n reads only its own records: disjoint, and together the epoch."""
-    source = _one_image_per_class(tmp_path, 48)
+    source = _one_image_per_class(tmp_path, 24)
     epoch = lambda index, count, seed=0: np.concatenate([b["label"] for b in make_dataset(
-        source, batch_size=8, train=True, recipe="scale_crop", image_size=8, seed=seed,
-        process_index=index, process_count=count).take(48 // 8).as_numpy_iterator()])
-    for count in (1, 2, 4):
+        source, batch_size=8, train=True, recipe="scale_crop", image_size=8, seed=seed, shuffle_buffer=64,
+        process_index=index, process_count=count).take(24 // 8).as_numpy_iterator()])
+    for count in (2, 4):
         shares = [epoch(index, count) for index in range(count)]
-        assert all(len(share) == 48 // count for share in shares)
-        assert sorted(np.concatenate(shares).tolist()) == list(range(48)), count
+        assert all(len(share) == 24 // count for share in shares)
+        assert sorted(np.concatenate(shares).tolist()) == list(range(24)), count
     np.testing.assert_array_equal(epoch(1, 2), epoch(1, 2))  # deterministic for a topology and seed
     assert not np.array_equal(epoch(1, 2), epoch(1, 2, seed=1))
     assert not np.array_equal(epoch(0, 2), np.sort(epoch(0, 2)))  # shuffled
