@@ -11,10 +11,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
-import torchvision
 
 import flaxnets
+from tests.weights_server import write_random_resnet18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "docs", "finetune_example.py")
@@ -24,19 +23,8 @@ QUICK = ["--image-size", "24", "--batch-size", "32"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    """Random torchvision ResNet-18 weights (1000 classes) as safetensors, with BatchNorm statistics
-    that are not the identity, so kept and re-initialised statistics differ."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
+    """Random torchvision ResNet-18 weights (1000 classes, BatchNorm statistics not the identity) as safetensors."""
+    return str(write_random_resnet18(tmp_path_factory.mktemp("weights"))["safetensors"])
 
 
 @pytest.fixture

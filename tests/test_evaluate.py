@@ -20,7 +20,7 @@ from flaxnets.convert import save_converted
 from flaxnets.weights_table import IMAGENET_MEAN, IMAGENET_STD
 from input_pipeline.pipeline import make_dataset
 from input_pipeline.sources import load_source
-from tests.weights_server import serve
+from tests.weights_server import serve, write_random_resnet18
 from train.evaluate import (EvaluationError, Member, evaluate, load_member, load_pretrained_member, main,
                             member_probabilities)
 from train.protocols import PROTOCOLS, crop_probabilities, get_protocol, mean_probabilities, pixel_views
@@ -177,18 +177,8 @@ ODD = weights_table.Preprocessing(resize=60, crop=48, mean=(0.3, 0.5, 0.7), std=
 @pytest.fixture(scope="module")
 def served_resnet18(tmp_path_factory):
     """Random torchvision ResNet-18 weights under resnet18.tv_in1k's published file name, and their SHA-256."""
-    import torch
-    import torchvision
-
     root = tmp_path_factory.mktemp("served")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
-    for module in model.modules():  # BatchNorm statistics that are not the identity
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    path = root / weights_table.weights_info("resnet18", "tv_in1k").filename
-    torch.save(model.state_dict(), path)
+    path = write_random_resnet18(root)["pth"]
     return root, path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 

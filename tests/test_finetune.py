@@ -16,7 +16,7 @@ from PIL import Image
 
 import flaxnets
 from flaxnets import weights_table
-from tests.weights_server import serve
+from tests.weights_server import serve, write_random_resnet18
 from train import steps, trainer
 from train.__main__ import main
 from train.checkpoints import restore_newest
@@ -27,21 +27,9 @@ TINY = ["--no-progress", "--log-every", "1", "--set", "image_size=16", "--set", 
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-    """Random torchvision ResNet-18 weights (BatchNorm statistics not the identity) as safetensors."""
-    import torch
-    import torchvision
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
+    """A folder with random torchvision ResNet-18 weights (see ``write_random_resnet18``)."""
     root = tmp_path_factory.mktemp("weights")
-    path = root / weights_table.weights_info("resnet18").filename
-    torch.save(model.state_dict(), path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "resnet18.safetensors"))
+    write_random_resnet18(root)
     return root
 
 

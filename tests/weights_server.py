@@ -71,3 +71,27 @@ def serve(root: Path) -> Iterator[WeightsServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def write_random_resnet18(root: Path) -> dict[str, Path]:
+    """Random torchvision ResNet-18 weights in ``root``: under resnet18.tv_in1k's published file
+    name (``.pth``) and as ``resnet18.safetensors``. The BatchNorm statistics are not the
+    identity, so kept and re-initialised statistics differ. Returns ``{"pth": ..., "safetensors": ...}``."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    from flaxnets import weights_table
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    state = model.state_dict()
+    paths = {"pth": root / weights_table.weights_info("resnet18", "tv_in1k").filename,
+             "safetensors": root / "resnet18.safetensors"}
+    torch.save(state, paths["pth"])
+    save_file({k: v.contiguous() for k, v in state.items()}, str(paths["safetensors"]))
+    return paths
