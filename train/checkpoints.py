@@ -68,3 +68,13 @@ def restore_newest(manager_dir: str) -> tuple[int, Any] | None:
         return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
     finally:
         manager.close()
+
+
+def restore_run(workdir: str, prefer: str = "best") -> tuple[str, int, Any] | None:
+    """A training workdir's checkpoint: the newest of ``checkpoints/<prefer>``, else of
+    ``checkpoints/last``, as ``(which, step, tree)`` (see :func:`restore_newest`); None if neither has one."""
+    for which in dict.fromkeys((prefer, "last")):
+        found = restore_newest(os.path.join(workdir, "checkpoints", which))
+        if found is not None:
+            return (which, *found)
+    return None

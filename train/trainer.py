@@ -23,7 +23,7 @@ from flaxnets.pretrained import classifier_mask, is_checkpoint_location, merge_b
 from flaxnets.convert import META_FILE
 from input_pipeline.pipeline import INPUT_ORDERS, global_batches, make_dataset
 from input_pipeline.sources import Source, load_source
-from train.checkpoints import Checkpoints, restore_newest
+from train.checkpoints import Checkpoints, restore_run
 from train.optim import make_optimizer, make_schedule
 from train.recipes import Recipe, validate
 from train.report import Reporter
@@ -242,11 +242,10 @@ def _load_init_from(directory: str) -> dict[str, Any]:
     """The variables of a converted directory, or of a training workdir's best (else last) checkpoint."""
     if os.path.isfile(os.path.join(directory, META_FILE)):
         return flaxnets.load_converted(directory)[1]
-    for which in ("best", "last"):
-        found = restore_newest(os.path.join(directory, "checkpoints", which))
-        if found is not None:
-            tree = found[1]
-            return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
+    found = restore_run(directory)
+    if found is not None:
+        tree = found[2]
+        return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
     raise TrainingError(f"--init-from {directory}: no checkpoint in {os.path.join(directory, 'checkpoints')}")
 
 
