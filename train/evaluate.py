@@ -32,7 +32,7 @@ from flaxnets.download import WeightsUnavailableError
 from flaxnets.weights_table import IMAGENET_MEAN, IMAGENET_STD, weights_info
 from input_pipeline.pipeline import pad_batch
 from input_pipeline.sources import Source
-from train.checkpoints import restore_newest
+from train.checkpoints import restore_run
 from train.protocols import (PROTOCOLS, Protocol, crop_probabilities, dense_probabilities, get_protocol,
                              pixel_views)
 from train.steps import normalize_images
@@ -60,6 +60,7 @@ class Member:
       resize: the shorter side the centre protocol rescales to before its crop (None:
         ``image_size / 0.875``); published weights' own.
       published: the publisher's (top-1, top-5) in percent, for published weights.
+      data_dir: the tfds data directory it was trained with (from its ``run.json``), if recorded.
     """
 
     directory: str
@@ -73,6 +74,7 @@ class Member:
     std: tuple[float, ...] = IMAGENET_STD
     resize: int | None = None
     published: tuple[float, float] | None = None
+    data_dir: str | None = None
 
 
 def load_member(directory: str, checkpoint: str = "best", ema: bool = False, image_size: int | None = None) -> Member:
@@ -112,18 +114,14 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
     if ema and "ema_decay" in recipe and recipe["ema_decay"] is None:
         raise EvaluationError(f"--ema: {directory} was trained without EMA (its recipe's ema_decay is None), "
                               "so it has no averaged weights")
-    found = None
-    for which in (checkpoint, "last"):
-        found = restore_newest(os.path.join(directory, "checkpoints", which))
-        if found is not None:
-            break
+    found = restore_run(directory, checkpoint)
     if found is None:
         raise EvaluationError(f"no checkpoint in {os.path.join(directory, 'checkpoints')}: train first "
                               f"(`python -m train --workdir {directory}`)")
     missing = [k for k in ("model", "num_classes", "image_size", "precision", "dataset", "recipe") if k not in info]
     if missing:
         raise EvaluationError(f"{info_path} lacks {', '.join(missing)}: not written by `python -m train`")
-    step, state = found
+    which, step, state = found
     params = state["ema_params"] if ema else state["params"]
     variables = {"params": params, **({"batch_stats": state["batch_stats"]} if state.get("batch_stats") else {})}
     dtype = jnp.bfloat16 if info["precision"] == "bf16" else jnp.float32
@@ -136,7 +134,8 @@ def load_member(directory: str, checkpoint: str = "best", ema: bool = False, ima
     fraction = prep.get("eval_crop_fraction", 0.875)
     resize = None if abs(fraction - 0.875) < 1e-9 else round(size / fraction)
     return Member(directory, model, variables, size, info["dataset"], label, jittered,
-                  tuple(prep.get("mean", IMAGENET_MEAN)), tuple(prep.get("std", IMAGENET_STD)), resize)
+                  tuple(prep.get("mean", IMAGENET_MEAN)), tuple(prep.get("std", IMAGENET_STD)), resize,
+                  data_dir=info.get("data_dir"))
 
 
 def load_pretrained_member(name: str, image_size: int | None = None, *, progress: bool = True) -> Member:
@@ -192,15 +191,6 @@ def load_pretrained_member(name: str, image_size: int | None = None, *, progress
         label = f"{weights.name} weights from {location} (top-1 {weights.top1:.3f}% reported)"
     return Member(weights.name, model, variables, size, "imagenet2012", label, mean=tuple(pre.mean),
                   std=tuple(pre.std), resize=resize, published=(weights.top1, weights.top5))
-
-
-def _recorded_data_dir(directory: str) -> str | None:
-    """The tfds data directory the run in ``directory`` trained with (None if unrecorded)."""
-    try:
-        with open(os.path.join(directory, RUN_INFO)) as f:
-            return json.load(f).get("data_dir")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _read_run_info(path: str) -> dict[str, Any]:
@@ -441,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
         check_sizes(members, names, scales)
         dataset = args.dataset or members[0].dataset or "imagenet2012"
-        data_dir = args.data_dir or (_recorded_data_dir(args.workdir) if args.workdir else None)
+        data_dir = args.data_dir or members[0].data_dir
         source = eval_source(dataset, data_dir, args.download)
         results = []
         for name in names:
