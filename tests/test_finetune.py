@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from PIL import Image
 
 import flaxnets
@@ -19,7 +20,7 @@ from flaxnets import weights_table
 from tests.weights_server import serve, write_random_resnet18
 from train import steps, trainer
 from train.__main__ import main
-from train.checkpoints import restore_newest
+from train.checkpoints import restore_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--no-progress", "--log-every", "1", "--set", "image_size=16", "--set", "batch_size=32"]
@@ -34,14 +35,12 @@ def weights_file(tmp_path_factory):
 
 
 def _checkpoint(workdir):
-    _, tree = restore_newest(os.path.join(workdir, "checkpoints", "last"))
-    return tree
+    return restore_run(workdir, "last")[2]
 
 
 def _flat(tree, prefix=""):
-    if not isinstance(tree, dict):
-        return {prefix: np.asarray(tree)}
-    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}/{key}").items()}
+    """{"prefix/a/b": array} for a nested dict of arrays."""
+    return {f"{prefix}/{path}": np.asarray(leaf) for path, leaf in flatten_dict(tree, sep="/").items()}
 
 
 def test_linear_probe_uses_the_weights_preprocessing_and_changes_only_the_head(
