@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 from torchvision.transforms import v2 as T  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flaxnets.layers import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from input_pipeline import augment as aug  # noqa: E402
 from input_pipeline.recipes import get_recipe  # noqa: E402
 
@@ -66,7 +67,7 @@ class Lighting:
 def torchvision_recipes() -> dict[str, T.Compose]:
     """The same augmentations written with torchvision.transforms.v2 on PIL images."""
     to_tensor = [T.PILToTensor(), T.ToDtype(torch.float32, scale=True)]
-    normalize = T.Normalize(aug.IMAGENET_MEAN, aug.IMAGENET_STD)
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     jitter = T.ColorJitter(0.4, 0.4, 0.4)
     modes = [T.InterpolationMode.BILINEAR, T.InterpolationMode.BOX, T.InterpolationMode.NEAREST,
              T.InterpolationMode.BICUBIC]

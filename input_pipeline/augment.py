@@ -17,8 +17,6 @@ IMAGENET_EIGVEC = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_METHODS = ("bilinear", "area", "nearest", "bicubic")
 
 
@@ -212,8 +210,3 @@ def random_method_resize(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Ten
 def to_pixels(image: tf.Tensor) -> tf.Tensor:
     """A [0, 1] float image to rounded uint8 [0, 255], the form batches cross to the device in."""
     return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
-
-
-def normalize(image: tf.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tensor:
-    """Per-channel standardisation of a [0, 1] image."""
-    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)

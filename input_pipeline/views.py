@@ -2,7 +2,8 @@
 
 Each function takes a decoded image (HxWx3, uint8 or float) and returns float32 views on the
 same scale as its input, stacked on a new leading axis (``dense_views`` returns a list, since its
-views have different shapes). Normalise afterwards with ``augment.normalize``.
+views have different shapes). ``augment.to_pixels(view / 255)`` turns them into uint8; the jitted steps
+normalise on the device (``train.steps.normalize_images``).
 """
 
 from __future__ import annotations

@@ -112,11 +112,6 @@ def test_to_pixels_rounds_and_clips():
     assert out.dtype == np.uint8 and out.tolist() == [[[0, 128, 255]]]
 
 
-def test_normalize():
-    out = aug.normalize(tf.fill([1, 1, 3], 0.5)).numpy()[0, 0]
-    np.testing.assert_allclose(out, (0.5 - np.array(aug.IMAGENET_MEAN)) / np.array(aug.IMAGENET_STD), rtol=1e-6)
-
-
 @pytest.mark.parametrize("name", list_recipes())
 def test_recipe_inside_tf_data_equals_eager(name):
     transform = get_recipe(name).transform

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import tensorflow as tf
 
+from flaxnets.layers import IMAGENET_MEAN, IMAGENET_STD
 from input_pipeline import augment as aug
 from input_pipeline import views
 from train.steps import normalize_images
@@ -123,8 +124,8 @@ def mean_probabilities(logits: jax.Array, axis: int) -> jax.Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).mean(axis=axis)
 
 
-def crop_probabilities(model: nn.Module, variables, views_batch: jax.Array, mean=aug.IMAGENET_MEAN,
-                       std=aug.IMAGENET_STD) -> jax.Array:
+def crop_probabilities(model: nn.Module, variables, views_batch: jax.Array, mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD) -> jax.Array:
     """(B, V, H, W, 3) uint8 (or normalised) views -> (B, classes) probabilities averaged over each image's V views.
 
     uint8 views are normalised with the weights' ``mean``/``std`` (per RGB channel, on the [0, 1] scale).
