@@ -18,7 +18,7 @@ from PIL import Image
 import flaxnets
 from flaxnets import weights_table
 from tests.weights_server import serve, write_random_resnet18
-from train import steps, trainer
+from train import program, steps
 from train.__main__ import main
 from train.checkpoints import restore_run
 
@@ -61,7 +61,7 @@ def test_linear_probe_uses_the_weights_preprocessing_and_changes_only_the_head(
         seen.append((batch["image"].shape, batch["image"].dtype, kwargs["image_mean"], kwargs["image_std"]))
         return real_step(state, batch, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_step", spy)
+    monkeypatch.setattr(program, "train_step", spy)
     workdir = str(tmp_path / "probe")
     with serve(weights_file) as server:
         monkeypatch.setenv("FLAXNETS_MIRROR", server.url(""))

@@ -198,7 +198,7 @@ def _initial_params():
     """The step-0 params of the small recipe (seed 0), flattened like ``final_params``."""
     from train.optim import make_optimizer, make_schedule
     from train.steps import create_state
-    from train.trainer import build_model
+    from train.program import build_model
 
     recipe = small_recipe(batch_size=64)
     tx = make_optimizer(recipe, make_schedule(recipe, 1437 // 64))

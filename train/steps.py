@@ -21,7 +21,8 @@ class TrainState(struct.PyTreeNode):
       params: model parameters (float32).
       batch_stats: BatchNorm running statistics (empty dict for models without BN).
       opt_state: optax state.
-      ema_params: Polyak/EMA average of ``params`` (equal to ``params`` when unused).
+      ema_params: Polyak/EMA average of ``params``; an empty dict when the recipe keeps none (a
+        copy of the weights would cost a parameter-sized buffer and a copy every step).
       rng: PRNG key data (uint32) for dropout.
       lr_scale: multiplier of the scheduled lr (the plateau rule divides it by 10).
       plateau_best: best eval top-1 seen by the plateau rule.
@@ -42,8 +43,10 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int, seed: int) -> TrainState:
-    """Initialises weights (the model's own initialisers) and the optimizer for NHWC inputs."""
+def create_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int, seed: int,
+                 ema: bool = False) -> TrainState:
+    """Initialises weights (the model's own initialisers) and the optimizer for NHWC inputs;
+    ``ema``: also an average of the weights (starting as a copy)."""
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
 
     # One compiled program: run eagerly, the initialisers dispatch (and compile) op by op, over a
@@ -54,7 +57,8 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, image_size:
         params = variables["params"]
         # ema_params is a separate buffer: the jitted step donates the state, and one buffer
         # must not be donated twice.
-        return params, variables.get("batch_stats", {}), tx.init(params), jax.tree.map(jnp.copy, params)
+        average = jax.tree.map(jnp.copy, params) if ema else {}
+        return params, variables.get("batch_stats", {}), tx.init(params), average
 
     params, batch_stats, opt_state, ema_params = arrays()
     return TrainState(
@@ -132,8 +136,6 @@ def train_step(
     ema = state.ema_params
     if ema_decay is not None:
         ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
-    else:
-        ema = params
     metrics = {"loss": loss, "top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, ema_params=ema)

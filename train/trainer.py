@@ -15,19 +15,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flaxnets
 from flaxnets.download import WeightsUnavailableError
-from flaxnets.pretrained import classifier_mask, is_checkpoint_location, merge_by_shape
+from flaxnets.pretrained import is_checkpoint_location, merge_by_shape
 from flaxnets.convert import META_FILE
 from input_pipeline.pipeline import INPUT_ORDERS, global_batches, make_dataset
 from input_pipeline.sources import Source, load_source
 from train.checkpoints import Checkpoints, restore_run
-from train.optim import make_optimizer, make_schedule
 from train.recipes import Recipe, validate
 from train.report import Reporter
-from train.steps import TrainState, create_state, eval_step, train_step
+from train.program import build_program
+from train.steps import TrainState
 
 
 class TrainingError(RuntimeError):
@@ -222,20 +221,9 @@ def _load_sources(recipe: Recipe, config: RunConfig) -> tuple[Source, Source]:
     return train, eval_source(recipe.dataset, config.data_dir, config.download)
 
 
-def build_model(recipe: Recipe, num_classes: int, precision: str, **options: Any):
-    """The recipe's model with its overrides (and ``options``, e.g. the weights'), for ``num_classes`` and the precision."""
-    if precision not in ("fp32", "bf16"):
-        raise TrainingError(f"--precision must be fp32 or bf16, not {precision!r}")
-    fields = {f.name for f in dataclasses.fields(flaxnets.model_info(recipe.model).module)}
-    overrides = {}
-    if recipe.dropout_rate is not None and "dropout_rate" in fields:
-        overrides["dropout_rate"] = recipe.dropout_rate
-    if recipe.zero_init_residual and "zero_init_residual" in fields:
-        overrides["zero_init_residual"] = True
-    if recipe.frozen_bn and "frozen_bn" in fields:
-        overrides["frozen_bn"] = True
-    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    return flaxnets.create_model(recipe.model, num_classes=num_classes, dtype=dtype, **{**options, **overrides})
+def run_image_size(recipe: Recipe, pretrained: str | None, prep: flaxnets.Preprocessing) -> int:
+    """The training resolution: the recipe's, else the pretrained weights' crop, else the model's default."""
+    return recipe.image_size or (prep.crop if pretrained else flaxnets.model_info(recipe.model).input_size)
 
 
 def _load_init_from(directory: str) -> dict[str, Any]:
@@ -275,7 +263,8 @@ def _init_from(state: TrainState, variables: dict[str, Any]) -> TrainState:
     """Copies loaded weights into ``state``; leaves whose shape differs (a new head) keep their init."""
     params = merge_by_shape(state.params, variables["params"])
     stats = merge_by_shape(state.batch_stats, variables.get("batch_stats", {})) if state.batch_stats else state.batch_stats
-    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), batch_stats=stats,
+    ema = jax.tree.map(jnp.copy, params) if state.ema_params else state.ema_params
+    return state.replace(params=params, ema_params=ema, batch_stats=stats,
                          opt_state=state.tx.init(params))
 
 
@@ -341,16 +330,12 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
     if steps_per_epoch == 0:
         raise TrainingError(f"batch size {recipe.batch_size} exceeds the {train_source.num_examples} training examples")
     total_steps = steps_per_epoch * recipe.epochs
-    image_size = recipe.image_size or (prep.crop if config.pretrained else flaxnets.model_info(recipe.model).input_size)
-    model = build_model(recipe, train_source.num_classes, config.precision, **options)
-    schedule = make_schedule(recipe, steps_per_epoch)
-    needs_head = recipe.freeze_backbone or recipe.head_lr_multiplier != 1.0
-    tx = make_optimizer(recipe, schedule, classifier_mask(model, image_size) if needs_head else None)
-
-    mesh = Mesh(np.array(devices), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    state = jax.device_put(create_state(model, tx, image_size, config.seed), replicated)
+    image_size = run_image_size(recipe, config.pretrained, prep)
+    program = build_program(recipe, num_classes=train_source.num_classes, image_size=image_size,
+                            steps_per_epoch=steps_per_epoch, precision=config.precision, devices=devices,
+                            mean=prep.mean, std=prep.std, model_options=options)
+    replicated, data_sharding, schedule = program.replicated, program.data_sharding, program.schedule
+    state = program.init_state(config.seed)
     ckpt = Checkpoints(config.workdir, keep=config.keep_checkpoints)
     is_main = jax.process_index() == 0
     if config.resume and ckpt.latest_step() is not None:
@@ -373,13 +358,7 @@ def run(recipe: Recipe, config: RunConfig) -> dict[str, Any]:
     if is_main:
         _write_run_info(config, recipe, train_source.num_classes, image_size, prep)
 
-    step_fn = functools.partial(train_step, num_classes=train_source.num_classes,
-                                label_smoothing=recipe.label_smoothing, aux_loss_weight=recipe.aux_loss_weight,
-                                ema_decay=recipe.ema_decay, image_mean=prep.mean, image_std=prep.std)
-    jit_train = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
-                        out_shardings=(replicated, replicated), donate_argnums=0)
-    jit_eval = jax.jit(functools.partial(eval_step, image_mean=prep.mean, image_std=prep.std),
-                       in_shardings=(replicated, data_sharding), out_shardings=replicated, static_argnames="use_ema")
+    jit_train, jit_eval = program.train, program.eval
     evaluate = functools.partial(_evaluate, source=eval_source, image_size=image_size,
                                  batch_size=recipe.batch_size, data_sharding=data_sharding,
                                  crop_fraction=prep.crop / prep.resize)
