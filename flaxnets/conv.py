@@ -9,11 +9,42 @@ convolutions from :data:`Conv`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# The platform convolutions are rewritten for while tracing; None: JAX's default backend.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("flaxnets_conv_platform", default=None)
+
+
+@contextlib.contextmanager
+def rewrites_for(platform: str) -> Iterator[None]:
+    """Within this block, convolutions are traced as they would be on ``platform`` (``cpu``, ``gpu``
+    or ``tpu``) instead of JAX's default backend: for compiling, on a CPU, for hardware that is not
+    attached (``python -m train --plan``)."""
+    if platform not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"platform must be cpu, gpu or tpu; got {platform!r}")
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform the convolutions being traced are for: :func:`rewrites_for`'s, else JAX's default backend."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+# Where unpadded 1x1 convolutions are traced as matrix products. XLA:CPU runs them 3x faster so;
+# XLA:TPU and XLA:GPU compile both forms to the same matrix units (see the README's compiled
+# comparison, benchmarks/plan_conv_paths.py).
+MATMUL_1X1_PLATFORMS = frozenset({"cpu"})
 
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
@@ -96,12 +127,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     plain = (dimension_numbers == _NHWC and not kwargs and all(d == 1 for d in (lhs_dilation or (1, 1)))
              and all(d == 1 for d in (rhs_dilation or (1, 1))))
-    if plain and rhs.shape[:2] == (1, 1) and feature_group_count == 1 and all(p == (0, 0) for p in padding):
+    if (plain and rhs.shape[:2] == (1, 1) and feature_group_count == 1 and all(p == (0, 0) for p in padding)
+            and target_platform() in MATMUL_1X1_PLATFORMS):
         stride_h, stride_w = window_strides
         if (stride_h, stride_w) != (1, 1):
             lhs = lhs[:, ::stride_h, ::stride_w, :]
         return jax.lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
-    if plain and feature_group_count > 1 and jax.default_backend() == "cpu":
+    if plain and feature_group_count > 1 and target_platform() == "cpu":
         args = (tuple(window_strides), tuple(tuple(p) for p in padding), feature_group_count)
         if rhs.shape[2] <= _MAX_SUMMED_CHANNELS:
             return _grouped_conv_as_sums(lhs, rhs, *args)
