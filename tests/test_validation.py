@@ -15,6 +15,7 @@ import pytest
 
 import flaxnets
 from tests.conftest import SMALL_INPUT
+from tests.logs import message_lines
 from train import evaluate as evaluate_cli
 from train.__main__ import main as train_main
 from train.checkpoints import Checkpoints
@@ -166,8 +167,9 @@ def test_the_commands_themselves_print_one_line_and_exit_1(tmp_path):
                               stderr=subprocess.PIPE) for command in commands]
     for proc in procs:
         out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 1 and out == "" and len(err.strip().splitlines()) == 1, err
-        assert err.startswith("error: ") and "Traceback" not in err
+        lines = message_lines(err)
+        assert proc.returncode == 1 and out == "" and len(lines) == 1, err
+        assert lines[0].startswith("error: ") and "Traceback" not in err
     assert os.listdir(tmp_path) == []
 
 

@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     add("--input-order", choices=("per_host", "global"), default="per_host",
         help="per_host: each process reads only its share of the data; global: all processes read everything "
              "in one order, for batches identical on any number of processes (small data, comparisons)")
+    plan = parser.add_argument_group("planning for a TPU or GPU that is not here (compiles the run for it; trains nothing)")
+    plan.add_argument("--plan", metavar="TARGET",
+                      help="compile this run's training step for TARGET (a TPU slice: v4:2x2x1, v5e:4x4, v5p:2x2x2, "
+                           "v6e:2x2; GPUs: h100x8, a100x8) and print per-chip memory, whether it fits, FLOPs, and the "
+                           "recipe's time and chip-hours; needs the [plan] extra")
+    plan.add_argument("--plan-max-batch", action="store_true",
+                      help="with --plan: also find the largest batch per chip that fits (a few more compiles)")
+    plan.add_argument("--plan-utilization", type=float, default=0.25,
+                      help="with --plan: the share of the chip's peak FLOP/s assumed for the time estimate")
+    plan.add_argument("--plan-json", metavar="PATH", help="with --plan: also write the plan as JSON to PATH")
     multi = parser.add_argument_group("multi-host (TPU pods, multi-node GPU)")
     multi.add_argument("--distributed", action="store_true",
                        help="call jax.distributed.initialize() (auto-detects on Cloud TPU and SLURM)")
@@ -69,6 +79,8 @@ def _recipe(args):
         recipe = get_recipe(args.recipe)
     elif args.pretrained:
         recipe = get_recipe(FINETUNE_RECIPE)
+    elif args.model and args.plan:  # a plan is for the paper's run on its data set
+        recipe = recipe_for_model(args.model)
     elif args.model:
         recipe = dataclasses.replace(recipe_for_model(args.model), dataset="flaxnets_digits")
     else:
@@ -143,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 done, 1 error, 143 preempted)."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.accelerator == "cpu":
+        # Only the CPU is used: jax then skips looking for TPUs and GPUs (and logging that it found none).
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     missing = [name for name in _TRAINING_STACK if importlib.util.find_spec(name) is None]
     if missing:
         print(f"error: training needs the [train] extra ({', '.join(missing)} not installed): "
@@ -161,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from input_pipeline.sources import BadImageError, DatasetNotReadyError
     from train.recipes import validate
+
+    if args.plan:
+        return _plan(args)
+    if args.plan_max_batch or args.plan_json:
+        print("error: --plan-max-batch and --plan-json go with --plan TARGET", file=sys.stderr)
+        return 1
     from train.trainer import RunConfig, TrainingError, print_error, run, validate_config
 
     try:
@@ -185,6 +206,31 @@ def main(argv: list[str] | None = None) -> int:
               f"(epoch {summary['best_epoch']}); results in {summary['workdir']} "
               f"(metrics.jsonl, tensorboard/, {os.path.basename(summary['plot'] or '')}, checkpoints/)")
     return 143 if summary["status"] == "preempted" else 0
+
+
+def _plan(args) -> int:
+    """``--plan``: compiles the run for the target and prints (and writes) the plan; trains nothing."""
+    from train.plan import PlanError, format_plan, make_plan, run_shape, write_json
+    from train.targets import parse_target
+    from train.recipes import validate
+    from train.trainer import print_error
+
+    try:
+        parse_target(args.plan)  # a typo fails before the data set is opened
+        recipe = validate(_recipe(args))
+        if args.plan_json and os.path.isdir(args.plan_json):
+            raise ValueError(f"--plan-json {args.plan_json} is a directory; give a file path")
+        shape = run_shape(recipe, precision=args.precision, data_dir=args.data_dir, pretrained=args.pretrained)
+        plan = make_plan(args.plan, recipe, shape, utilization=args.plan_utilization,
+                         search_max_batch=args.plan_max_batch)
+        print(format_plan(plan))
+        if args.plan_json:
+            write_json(plan, args.plan_json)
+            print(f"plan written to {args.plan_json}")
+    except (KeyError, ValueError, PlanError, OSError) as err:
+        print_error(err)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Compiled estimates for the README: each model's bf16 training step planned for TPU v5e and H100.
+
+For every model: the paper's recipe on ImageNet, bf16, 128 images per chip, compiled for a v5e
+2x2 slice and an 8-GPU H100 server by ``train.plan`` (the same path as ``python -m train ...
+--plan``), plus the largest batch per chip that fits v5e. Results go to
+``benchmarks/results/plan_table.json`` after each compile, so an interrupted run resumes; the
+markdown table is printed at the end. Needs the ``[plan]`` extra. XLA's TPU compiler takes
+minutes per model on a 2-core machine.
+
+    python benchmarks/plan_table.py [--models resnet50 vgg16] [--skip-max-batch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from train.plan import estimate, make_plan, max_batch_per_chip, run_shape  # noqa: E402
+from train.recipes import recipe_for_model  # noqa: E402
+from train.targets import GiB, parse_target  # noqa: E402
+
+MODELS = ("resnet50", "resnext50_32x4d", "vgg16", "densenet121", "googlenet", "xception")
+TARGETS = ("v5e:2x2", "h100x8")
+PER_CHIP = 128
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "plan_table.json")
+
+
+def _load() -> dict:
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            return json.load(f)
+    return {}
+
+
+def _save(results: dict) -> None:
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS + ".partial", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(RESULTS + ".partial", RESULTS)
+
+
+def table(results: dict) -> str:
+    """The README's markdown table from the saved results."""
+    rows = ["| model | v5e peak GiB/chip (of 16) | H100 peak GiB/chip (of 80) | GFLOP/image (training) | "
+            "largest batch/chip on v5e | compile s (v5e, H100) |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for model in MODELS:
+        entry = results.get(model, {})
+        tpu, gpu = entry.get("v5e:2x2"), entry.get("h100x8")
+        cell = lambda plan: f"{plan['memory_per_chip']['peak'] / GiB:.2f}" if plan else "-"  # noqa: E731
+        flops = (tpu or gpu or {}).get("flops", {}).get("per_image")
+        best = entry.get("max_batch_v5e", "-")
+        seconds = ", ".join(f"{p['compile_seconds']:.0f}" if p else "-" for p in (tpu, gpu))
+        rows.append(f"| {model} | {cell(tpu)} | {cell(gpu)} | {flops / 1e9:.1f} | {best} | {seconds} |"
+                    if flops else f"| {model} | - | - | - | - | - |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--skip-max-batch", action="store_true")
+    args = parser.parse_args()
+    results = _load()
+    for model in args.models:
+        entry = results.setdefault(model, {})
+        base = recipe_for_model(model)
+        shape = run_shape(base, precision="bf16")
+        for name in TARGETS:
+            if name in entry:
+                continue
+            recipe = dataclasses.replace(base, batch_size=PER_CHIP * parse_target(name).chips)
+            entry[name] = make_plan(name, recipe, shape)
+            _save(results)
+        if not args.skip_max_batch and "max_batch_v5e" not in entry:
+            target = parse_target("v5e:2x2")
+            recipe = dataclasses.replace(base, batch_size=PER_CHIP * target.chips)
+            known = {PER_CHIP: {"fits": True, "memory": {"peak": entry["v5e:2x2"]["memory_per_chip"]["peak"]}}}
+            print(f"{model}: largest batch per chip on v5e")
+            best, probes = max_batch_per_chip(target, recipe, shape, PER_CHIP, known=known)
+            entry["max_batch_v5e"] = best
+            entry["max_batch_probes"] = {str(b): r.get("memory", {}).get("peak") for b, r in probes.items()}
+            if best and best != PER_CHIP and best in probes and probes[best].get("flops_per_step"):
+                entry["v5e_at_max_batch"] = estimate(target, recipe, shape, probes[best], best, 0.25)
+            _save(results)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
