@@ -86,9 +86,10 @@ def test_independent_count_matches_the_published_resnet50_figure():
 
 def test_plan_on_a_tpu_slice_from_the_command_line(tmp_path, capsys):
     """The real TPU compiler, through the CLI: per-chip memory, FLOPs, time, and the JSON."""
-    out = tmp_path / "plan.json"
+    out, hlo = tmp_path / "plan.json", tmp_path / "step.hlo"
     status = main(["--model", "resnet18", "--dataset", "flaxnets_digits", "--set", f"image_size={SIZE}",
-                   "--batch-size", "32", "--precision", "bf16", "--plan", "v5e:2x2", "--plan-json", str(out)])
+                   "--batch-size", "32", "--precision", "bf16", "--plan", "v5e:2x2", "--plan-json", str(out),
+                   "--plan-hlo", str(hlo)])
     text = capsys.readouterr().out
     assert status == 0, text
     plan = json.loads(out.read_text())
@@ -104,6 +105,19 @@ def test_plan_on_a_tpu_slice_from_the_command_line(tmp_path, capsys):
     when = plan["recipe_time"]
     assert when["steps"] == (1437 // 32) * when["epochs"] and when["chip_hours"] == pytest.approx(4 * when["hours"])
     assert "peak" in text and "fits" in text and "chip-hours" in text and "plan written to" in text
+    # No parameter-sized copy: without EMA the state no longer carries (and copies each step) a second set of weights.
+    assert plan["hlo"]["copy_bytes"] < 0.01 * memory["state"] and "convolution" in hlo.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["v4:2x2x1", "v5p:2x2x1", "v6e:2x2", "a100x8"])
+def test_every_chip_family_compiles(target):
+    recipe = dataclasses.replace(recipe_for_model("resnet18"), dataset="flaxnets_digits", image_size=SIZE)
+    chips = parse_target(target).chips
+    plan = make_plan(target, dataclasses.replace(recipe, batch_size=8 * chips), SHAPE, say=lambda _: None)
+    assert plan["memory_per_chip"]["fits"] and 0 < plan["memory_per_chip"]["peak"]
+    expected = training_flops_per_image(flaxnets.create_model("resnet18", num_classes=10), SIZE)
+    assert plan["flops"]["per_image"] == pytest.approx(expected, rel=0.10)
 
 
 @pytest.mark.slow
@@ -129,12 +143,15 @@ def test_tpu_compiler_refusing_a_batch_is_reported_in_one_line(capsys):
     assert status == 1 and len(err) == 1 and "does not fit TPU v5e" in err[0] and "--plan-max-batch" in err[0]
 
 
-def _fake_compiles(monkeypatch, peak_of):
-    """Replaces the compiler with a memory model; returns the list of batches compiled."""
+def _fake_compiles(monkeypatch, peak_of, refuse_above=None):
+    """Replaces the compiler with a memory model (refusing batches above ``refuse_above``, as
+    XLA:TPU does); returns the list of batches compiled."""
     compiled = []
 
-    def fake(target, recipe, shape, batch_per_chip, timeout=None):
+    def fake(target, recipe, shape, batch_per_chip, timeout=None, hlo_path=None):
         compiled.append(batch_per_chip)
+        if refuse_above is not None and batch_per_chip > refuse_above:
+            return {"fits": False, "error": "Ran out of memory in memory space hbm", "compile_seconds": 1.0}
         return {"fits": True, "memory": {"peak": peak_of(batch_per_chip), "state": GiB // 2, "temp": 0},
                 "flops_per_step": 1e9 * batch_per_chip, "flops_source": "compiled", "hlo": {},
                 "compile_seconds": 1.0, "hosts": 1}
@@ -159,6 +176,16 @@ def test_max_batch_search_finds_the_largest_fitting_batch_in_few_compiles(monkey
         assert all(not plan_module.fits(target, r) for b, r in results.items() if b > expected)
 
 
+def test_max_batch_search_climbs_when_the_compiler_squeezes_memory(monkeypatch):
+    """XLA:TPU bends its peaks below the line and refuses only past some batch (here 600)."""
+    import math
+
+    compiled = _fake_compiles(monkeypatch, lambda b: int((5 + 10 * (1 - math.exp(-b / 300))) * GiB), refuse_above=600)
+    best, _ = max_batch_per_chip(parse_target("v5e:2x2"), recipe_for_model("resnet18"), SHAPE, 128,
+                                 say=lambda _: None, max_compiles=10)
+    assert best == 600 and len(compiled) <= 10
+
+
 def test_plan_max_batch_plans_the_largest_batch_when_the_runs_own_does_not_fit(monkeypatch):
     compiled = _fake_compiles(monkeypatch, lambda b: int((1.0 + 0.1 * b) * GiB))
     recipe = dataclasses.replace(recipe_for_model("resnet18"), batch_size=4 * 256)
@@ -173,6 +200,7 @@ def test_plan_max_batch_plans_the_largest_batch_when_the_runs_own_does_not_fit(m
     (["--plan", "v5e:2x2", "--batch-size", "30"], "use a multiple of 4"),
     (["--plan", "v5e:2x2", "--plan-utilization", "1.5"], "--plan-utilization must be in (0, 1]"),
     (["--plan-max-batch"], "go with --plan"),
+    (["--plan", "v5e:2x2", "--plan-json", "/nonexistent/dir/plan.json"], "give a file path in an existing directory"),
     (["--plan", "v5e:2x2", "--dataset", "no_such_dataset_here"], "no_such_dataset_here"),
 ])
 def test_plan_input_errors_are_one_line(capsys, argv, message):

@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--plan-utilization", type=float, default=0.25,
                       help="with --plan: the share of the chip's peak FLOP/s assumed for the time estimate")
     plan.add_argument("--plan-json", metavar="PATH", help="with --plan: also write the plan as JSON to PATH")
+    plan.add_argument("--plan-hlo", metavar="PATH", help="with --plan: also write the compiled step's HLO text to PATH")
     multi = parser.add_argument_group("multi-host (TPU pods, multi-node GPU)")
     multi.add_argument("--distributed", action="store_true",
                        help="call jax.distributed.initialize() (auto-detects on Cloud TPU and SLURM)")
@@ -179,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.plan:
         return _plan(args)
-    if args.plan_max_batch or args.plan_json:
-        print("error: --plan-max-batch and --plan-json go with --plan TARGET", file=sys.stderr)
+    if args.plan_max_batch or args.plan_json or args.plan_hlo:
+        print("error: --plan-max-batch, --plan-json and --plan-hlo go with --plan TARGET", file=sys.stderr)
         return 1
     from train.trainer import RunConfig, TrainingError, print_error, run, validate_config
 
@@ -218,11 +219,12 @@ def _plan(args) -> int:
     try:
         parse_target(args.plan)  # a typo fails before the data set is opened
         recipe = validate(_recipe(args))
-        if args.plan_json and os.path.isdir(args.plan_json):
-            raise ValueError(f"--plan-json {args.plan_json} is a directory; give a file path")
+        for flag, path in (("--plan-json", args.plan_json), ("--plan-hlo", args.plan_hlo)):
+            if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+                raise ValueError(f"{flag} {path}: give a file path in an existing directory")
         shape = run_shape(recipe, precision=args.precision, data_dir=args.data_dir, pretrained=args.pretrained)
         plan = make_plan(args.plan, recipe, shape, utilization=args.plan_utilization,
-                         search_max_batch=args.plan_max_batch)
+                         search_max_batch=args.plan_max_batch, hlo_path=args.plan_hlo)
         print(format_plan(plan))
         if args.plan_json:
             write_json(plan, args.plan_json)

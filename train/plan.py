@@ -50,8 +50,9 @@ class RunShape:
 
 
 def compile_for(target: Target, recipe: Recipe, shape: RunShape, batch_per_chip: int,
-                timeout: float | None = None) -> dict[str, Any]:
-    """Compiles the run's training step for ``target`` at ``batch_per_chip`` in a child process.
+                timeout: float | None = None, hlo_path: str | None = None) -> dict[str, Any]:
+    """Compiles the run's training step for ``target`` at ``batch_per_chip`` in a child process
+    (``hlo_path``: also write the optimised HLO text there).
 
     Returns the child's result (``fits``, ``memory``, ``flops_per_step``, ``hlo``, ...).
     Raises PlanError in one line when the compiler crashes, fails or times out.
@@ -59,7 +60,8 @@ def compile_for(target: Target, recipe: Recipe, shape: RunShape, batch_per_chip:
     request = {"target": target.name, "recipe": dataclasses.asdict(recipe), "batch_per_chip": batch_per_chip,
                "num_classes": shape.num_classes, "image_size": shape.image_size, "precision": shape.precision,
                "mean": list(shape.mean), "std": list(shape.std), "model_options": shape.model_options,
-               "steps_per_epoch": max(1, shape.num_examples // (batch_per_chip * target.chips))}
+               "steps_per_epoch": max(1, shape.num_examples // (batch_per_chip * target.chips)),
+               "hlo_path": os.path.abspath(hlo_path) if hlo_path else None}
     # No TPU is touched: libtpu must neither query cloud metadata nor take the one-process-per-host
     # lock (/tmp/libtpu_lockfile), so plans can compile side by side.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "TPU_SKIP_MDS_QUERY": "1",
@@ -142,17 +144,26 @@ def _next_probe(results: dict[int, dict], good: int, bad: int | None, limit: int
             guess = int((limit - (p0 - per_image * b0)) / per_image)
     elif measured:
         b0, p0 = measured[0]
-        guess = int(b0 * limit / p0) if p0 else None  # memory proportional to the batch: an over-estimate
+        memory = results[b0]["memory"]
+        # One compile: what does not grow with the batch is about the state and the code.
+        fixed = min(memory.get("state", 0) + memory.get("generated_code", 0), p0 - 1)
+        guess = int(b0 * (limit - fixed) / (p0 - fixed)) if p0 else None
+    if bad is None and guess is not None:
+        # XLA:TPU squeezes its schedule into the memory it has, so peaks bend below the line:
+        # while nothing has failed, grow by at least a quarter.
+        guess = max(guess, good + max(BATCH_GRANULE, good // 4))
     upper = bad if bad is not None else max(2 * good, BATCH_GRANULE)
     if guess is None:
         guess = (good + upper) // 2 if bad is not None else upper
     guess = guess - guess % BATCH_GRANULE if guess >= BATCH_GRANULE else max(guess, 1)
     if bad is not None:
         step = BATCH_GRANULE if good >= BATCH_GRANULE else 1
-        guess = min(max(guess, good + step), bad - step)
-        if guess in results:  # the fit points at a batch already compiled: split the gap
-            middle = (good + bad) // 2
-            guess = max(good + step, middle - middle % step)
+        middle = (good + bad) // 2
+        middle = max(good + step, middle - middle % step)
+        # A fit that points outside the bracket (or at a batch already compiled) has stopped
+        # describing the compiler: split the gap instead.
+        if not good + step <= guess <= bad - step or guess in results:
+            guess = middle
     return max(1, guess)
 
 
@@ -219,8 +230,10 @@ def _hours(hours: float) -> str:
 
 
 def make_plan(target_name: str, recipe: Recipe, shape: RunShape, *, utilization: float = DEFAULT_UTILIZATION,
-              search_max_batch: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Compiles ``recipe``'s step for ``target_name`` and returns the plan (see :func:`format_plan`).
+              search_max_batch: bool = False, say: Callable[[str], None] = print,
+              hlo_path: str | None = None) -> dict[str, Any]:
+    """Compiles ``recipe``'s step for ``target_name`` and returns the plan (see :func:`format_plan`);
+    ``hlo_path``: also write the compiled HLO text there (copies, transposes, fusions to read).
 
     Raises:
       TargetError / PlanError: one line: an unknown target, a compiler that is not installed, a
@@ -238,7 +251,7 @@ def make_plan(target_name: str, recipe: Recipe, shape: RunShape, *, utilization:
     say(f"compiling {recipe.model}'s training step for {target.chip.name} ({target.name}, {target.chips} chips) at "
         f"{batch_per_chip} images per chip (minutes for a big model on a small CPU)")
     started = time.perf_counter()
-    result = compile_for(target, recipe, shape, batch_per_chip)
+    result = compile_for(target, recipe, shape, batch_per_chip, hlo_path=hlo_path)
     say(f"  compiled in {time.perf_counter() - started:.0f} s")
     if result.get("fits") is False and not search_max_batch:
         raise PlanError(f"{recipe.model} at {batch_per_chip} images per chip does not fit {target.chip.name}: "

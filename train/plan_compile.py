@@ -122,7 +122,7 @@ def compile_request(request: dict[str, Any]) -> dict[str, Any]:
 
     ``request``: ``target`` (a :func:`train.targets.parse_target` name), ``recipe`` (the recipe's
     fields), ``batch_per_chip``, ``num_classes``, ``image_size``, ``precision``, ``mean``, ``std``
-    and ``model_options``. Returns the compile time, per-chip memory, FLOPs and HLO counts, or
+    and ``model_options``; optionally ``hlo_path``, where the optimised HLO text is written. Returns the compile time, per-chip memory, FLOPs and HLO counts, or
     ``fits: False`` when the compiler refuses the program for lack of memory.
     """
     import jax
@@ -156,6 +156,9 @@ def compile_request(request: dict[str, Any]) -> dict[str, Any]:
                 raise
             return {**refused, "compile_seconds": time.perf_counter() - started}
         seconds = time.perf_counter() - started
+        if request.get("hlo_path"):
+            with open(request["hlo_path"], "w") as f:
+                f.write(compiled.as_text())
         flops, flops_source = _per_chip_flops(program, None, compiled, batch_per_chip, recipe, build)
     state_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize
                       for leaf in jax.tree.leaves(program.abstract_state()))
