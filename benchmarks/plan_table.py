@@ -53,7 +53,7 @@ def table(results: dict) -> str:
         entry = results.get(model, {})
         tpu, gpu = entry.get("v5e:2x2"), entry.get("h100x8")
         cell = lambda plan: f"{plan['memory_per_chip']['peak'] / GiB:.2f}" if plan else "-"  # noqa: E731
-        flops = (tpu or gpu or {}).get("flops", {}).get("per_image")
+        flops = (gpu or tpu or {}).get("flops", {}).get("per_image")  # XLA's count before optimisation
         best = entry.get("max_batch_v5e", "-")
         best = best if entry.get("max_batch_exact", True) else f">= {best}"
         seconds = ", ".join(f"{p['compile_seconds']:.0f}" if p else "-" for p in (tpu, gpu))
