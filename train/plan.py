@@ -2,8 +2,9 @@
 
 The run's own program (model, optimizer, precision, mesh, shardings, donation; see
 ``train.program``) is compiled for the target by XLA's TPU or GPU compiler on this CPU, in a
-child process (``train.plan_compile``). Its memory analysis gives the per-chip footprint and its
-cost analysis the FLOPs; time and chip-hours follow from the chip's peak at a stated utilisation.
+child process (``train.plan_compile``). Its memory analysis gives the per-chip footprint and XLA's
+count of the step's HLO the FLOPs; time and chip-hours follow from the chip's peak at a stated
+utilisation.
 These are compiled estimates, not measurements.
 """
 

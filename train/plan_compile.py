@@ -73,7 +73,7 @@ def hlo_stats(text: str) -> dict[str, Any]:
                 if kind != "copy" and kind != "transpose":
                     kind = "fusion"
             if kind in ("copy", "transpose"):
-                stats[kind.replace("y", "ie") + "s" if kind == "copy" else "transposes"] += 1
+                stats["copies" if kind == "copy" else "transposes"] += 1
                 stats[f"{kind}_bytes"] += _shape_bytes(shape)
             if op in ("fusion", "convolution", "dot", "custom-call", "copy", "transpose", "reduce", "all-reduce"):
                 stats["kernels"] += 1
