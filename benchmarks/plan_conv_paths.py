@@ -12,7 +12,6 @@ extra; each compile runs in a child process.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -44,10 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return _child(args.child)
-    from train.plan import run_shape
+    from train.plan import compile_request_for, run_shape
     from train.plan_compile import RESULT_PREFIX
     from train.recipes import recipe_for_model
-    from train.targets import GiB
+    from train.targets import GiB, parse_target
 
     recipe = recipe_for_model(args.model)
     shape = run_shape(recipe, precision="bf16")
@@ -57,9 +56,7 @@ def main() -> None:
         for variant in VARIANTS:
             key = f"{args.model}/{target_name}/{args.per_chip}/{variant}"
             if key not in results:
-                request = {"target": target_name, "recipe": dataclasses.asdict(recipe), "batch_per_chip": args.per_chip,
-                           "num_classes": shape.num_classes, "image_size": shape.image_size, "precision": "bf16",
-                           "mean": list(shape.mean), "std": list(shape.std), "model_options": shape.model_options}
+                request = compile_request_for(parse_target(target_name), recipe, shape, args.per_chip)
                 done = subprocess.run([sys.executable, __file__, "--child", variant], input=json.dumps(request),
                                       text=True, capture_output=True, env=env)
                 line = next((l for l in done.stdout.splitlines() if l.startswith(RESULT_PREFIX)), None)

@@ -50,6 +50,16 @@ class RunShape:
     model_options: dict[str, Any]
 
 
+def compile_request_for(target: Target, recipe: Recipe, shape: RunShape, batch_per_chip: int,
+                        hlo_path: str | None = None) -> dict[str, Any]:
+    """The JSON request ``python -m train.plan_compile`` (:func:`train.plan_compile.compile_request`) reads."""
+    return {"target": target.name, "recipe": dataclasses.asdict(recipe), "batch_per_chip": batch_per_chip,
+            "num_classes": shape.num_classes, "image_size": shape.image_size, "precision": shape.precision,
+            "mean": list(shape.mean), "std": list(shape.std), "model_options": shape.model_options,
+            "steps_per_epoch": max(1, shape.num_examples // (batch_per_chip * target.chips)),
+            "hlo_path": os.path.abspath(hlo_path) if hlo_path else None}
+
+
 def compile_for(target: Target, recipe: Recipe, shape: RunShape, batch_per_chip: int,
                 timeout: float | None = None, hlo_path: str | None = None) -> dict[str, Any]:
     """Compiles the run's training step for ``target`` at ``batch_per_chip`` in a child process
@@ -58,11 +68,7 @@ def compile_for(target: Target, recipe: Recipe, shape: RunShape, batch_per_chip:
     Returns the child's result (``fits``, ``memory``, ``flops_per_step``, ``hlo``, ...).
     Raises PlanError in one line when the compiler crashes, fails or times out.
     """
-    request = {"target": target.name, "recipe": dataclasses.asdict(recipe), "batch_per_chip": batch_per_chip,
-               "num_classes": shape.num_classes, "image_size": shape.image_size, "precision": shape.precision,
-               "mean": list(shape.mean), "std": list(shape.std), "model_options": shape.model_options,
-               "steps_per_epoch": max(1, shape.num_examples // (batch_per_chip * target.chips)),
-               "hlo_path": os.path.abspath(hlo_path) if hlo_path else None}
+    request = compile_request_for(target, recipe, shape, batch_per_chip, hlo_path)
     # No TPU is touched: libtpu must neither query cloud metadata nor take the one-process-per-host
     # lock (/tmp/libtpu_lockfile), so plans can compile side by side.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "TPU_SKIP_MDS_QUERY": "1",

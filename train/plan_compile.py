@@ -126,8 +126,9 @@ def compile_request(request: dict[str, Any]) -> dict[str, Any]:
 
     ``request``: ``target`` (a :func:`train.targets.parse_target` name), ``recipe`` (the recipe's
     fields), ``batch_per_chip``, ``num_classes``, ``image_size``, ``precision``, ``mean``, ``std``
-    and ``model_options``; optionally ``hlo_path``, where the optimised HLO text is written. Returns the compile time, per-chip memory, FLOPs and HLO counts, or
-    ``fits: False`` when the compiler refuses the program for lack of memory.
+    and ``model_options``; optionally ``hlo_path``, where the optimised HLO text is written.
+    Returns the compile time, per-chip memory, FLOPs and HLO counts, or ``fits: False`` when the
+    compiler refuses the program for lack of memory.
     """
     import jax
 
@@ -151,7 +152,8 @@ def compile_request(request: dict[str, Any]) -> dict[str, Any]:
     with rewrites_for(target.chip.platform):
         program = build(recipe, devices)
         started = time.perf_counter()
-        lowered = program.train.lower(program.abstract_state(), program.abstract_batch(recipe.batch_size))
+        state = program.abstract_state()
+        lowered = program.train.lower(state, program.abstract_batch(recipe.batch_size))
         try:
             compiled = lowered.compile()
         except Exception as err:  # noqa: BLE001 - XLA reports a program too big as a generic error
@@ -164,8 +166,7 @@ def compile_request(request: dict[str, Any]) -> dict[str, Any]:
             with open(request["hlo_path"], "w") as f:
                 f.write(compiled.as_text())
         flops = _hlo_flops(recipe, batch_per_chip, build)
-    state_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize
-                      for leaf in jax.tree.leaves(program.abstract_state()))
+    state_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
     return {"fits": True, "compile_seconds": seconds, "memory": {**_memory(compiled), "state": state_bytes},
             "flops_per_step": flops, "compiled_flops_per_step": _compiled_flops(compiled),
             "hlo": hlo_stats(compiled.as_text()),
