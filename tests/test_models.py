@@ -86,7 +86,9 @@ def test_output_shape_at_default_size(name):
     assert (out.shape, out.dtype) == ((3, 17), jnp.float32)
 
 
-@pytest.mark.parametrize("name", ["alexnet", "alexnet_owt", "vgg11_lrn", "googlenet", "resnet18"])
+# The paper GoogLeNet at 224 px (40 s to compile here) runs under `-m slow`.
+@pytest.mark.parametrize("name", ["alexnet", "alexnet_owt", "vgg11_lrn", pytest.param("googlenet", marks=pytest.mark.slow),
+                                  "resnet18"])
 def test_finite_forward_at_default_size(name):
     model = flaxnets.create_model(name)
     size = flaxnets.model_info(name).input_size
@@ -242,7 +244,9 @@ def test_extract_features_logits_equal_apply():
     np.testing.assert_array_equal(again["stage4"], feats["stage4"])
 
 
-@pytest.mark.parametrize("name", ["googlenet", "googlenet_bn"])
+# The auxiliary heads are the same code in both GoogLeNets; the paper one (40 s more to compile)
+# runs under `-m slow`.
+@pytest.mark.parametrize("name", [pytest.param("googlenet", marks=pytest.mark.slow), "googlenet_bn"])
 def test_googlenet_aux_logits_only_in_training(name):
     model, variables, x = init_small(name)
     collections = ["batch_stats", "aux_logits"]

@@ -136,7 +136,7 @@ def _free_port():
 
 
 def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_dir):
-    """1, 2 and 4 devices and 2 processes take the same first step; 2 processes resume together.
+    """1 and 4 devices and 2 processes take the same first step; 2 processes resume together.
 
     The processes read in the global order (every process reads every record): with per-host
     reading, the default, each topology sees other batches by design.
@@ -151,7 +151,7 @@ def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_di
     common = ["--data-dir", data_dir, "--no-progress", "--epochs", "2", "--set", "image_size=16",
               "--set", "batch_size=64", "--set", "warmup_epochs=0", "--log-every", "1", "--input-order", "global"]
     procs = {f"devices{n}": _python([*common, "--workdir", str(tmp_path / f"devices{n}"), "--max-steps", "1"],
-                                    devices=n) for n in (1, 2, 4)}
+                                    devices=n) for n in (1, 4)}
     outputs = {name: p.communicate(timeout=600) for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, outputs[name][1][-2000:]
@@ -176,7 +176,7 @@ def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_di
     reference = final_params(str(tmp_path / "devices1"))
     moved = {k: reference[k] - init[k] for k in reference}
     assert np.linalg.norm(np.concatenate([m.ravel() for m in moved.values()])) > 0.1
-    for name in ("devices2", "devices4", "multihost"):
+    for name in ("devices4", "multihost"):
         path = str(tmp_path / name)
         np.testing.assert_allclose(losses(path), losses(str(tmp_path / "devices1")), rtol=1e-5, err_msg=name)
         other = final_params(path)
