@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxnets.conv import conv_general_dilated
 from flaxnets.layers import Conv, adaptive_avg_pool, avg_pool, global_avg_pool, local_response_norm, max_pool
 
 RNG = np.random.default_rng(0)
@@ -115,6 +116,39 @@ def test_conv_matches_lax_convolution_with_gradients(kernel, stride, groups):
     for ours, theirs in zip(jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(conv, variables, x)),
                             jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(reference, variables, x))):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding, winograd", [
+    ((2, 9, 9, 8, 8), 3, 1, ((1, 1), (1, 1)), True),       # odd size: a part tile at the edge
+    ((2, 10, 10, 8, 8), 3, 1, ((0, 0), (0, 0)), True),     # VALID
+    ((2, 8, 11, 8, 8), 3, 1, ((0, 1), (2, 1)), True),      # uneven padding, rectangular
+    ((2, 14, 14, 128, 128), 3, 1, ((1, 1), (1, 1)), True),  # ResNet-50's channels
+    ((2, 4, 4, 16, 16), 3, 1, ((1, 1), (1, 1)), False),    # below WINOGRAD_MIN_SIZE
+    ((2, 23, 23, 3, 16), 7, 2, ((3, 3), (3, 3)), False),   # an RGB stem
+    ((2, 12, 12, 8, 8), 3, 2, ((1, 1), (1, 1)), False),    # strided
+])
+def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, padding, winograd):
+    """Winograd F(2x2, 3x3) and the patch-matmul kernel gradient give lax.conv's values and gradients."""
+    n, h, w, c, k = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, c))
+    weights = jax.random.normal(jax.random.key(1), (kernel, kernel, c, k)) / np.sqrt(kernel * kernel * c)
+
+    def run(conv):
+        out, pullback = jax.vjp(lambda x, w: conv(x, w, (stride, stride), padding, dimension_numbers=_HWIO), x, weights)
+        return out, pullback(jnp.cos(out))  # a cotangent that is not the output itself
+
+    (ours, our_grads), (direct, direct_grads) = jax.jit(lambda: (run(conv_general_dilated),
+                                                                 run(jax.lax.conv_general_dilated)))()
+    scale = lambda a: float(jnp.max(jnp.abs(a)))  # noqa: E731
+    assert scale(ours - direct) < 1e-5 * scale(direct)
+    for a, b in zip(our_grads, direct_grads):
+        assert scale(a - b) < 1e-5 * scale(b)
+    traced = str(jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (stride, stride), padding,
+                                                               dimension_numbers=_HWIO))(x))
+    assert ("conv_general_dilated" not in traced) == winograd
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID", 0])
