@@ -1,10 +1,11 @@
 """``Conv``: ``nn.Conv`` with the same parameters and results, rewritten where XLA:CPU is slow.
 
 XLA:CPU runs some convolutions far below what the hardware allows: 1x1 convolutions (3x slower
-forward and backward than the same matrix product), grouped convolutions (the gradient about 30x
-slower than the forward pass) and depthwise ones (10-40x slower than a fused elementwise loop).
-:func:`conv_general_dilated` routes those to equivalent formulations; every model builds its
-convolutions from :data:`Conv`.
+forward and backward than the same matrix product), 3x3 ones (1.3-4x slower than Winograd's
+F(2x2, 3x3) as batched matmuls), kernel gradients (1.1-4x slower than a matmul over the patches),
+grouped convolutions (the gradient about 30x slower than the forward pass) and depthwise ones
+(10-40x slower than a fused elementwise loop). :func:`conv_general_dilated` routes those to
+equivalent formulations on the CPU; every model builds its convolutions from :data:`Conv`.
 """
 
 from __future__ import annotations
