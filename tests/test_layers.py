@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxnets import conv as conv_module
 from flaxnets.conv import conv_general_dilated
 from flaxnets.layers import Conv, adaptive_avg_pool, avg_pool, global_avg_pool, local_response_norm, max_pool
 
@@ -130,8 +131,9 @@ _HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1
     ((2, 23, 23, 3, 16), 7, 2, ((3, 3), (3, 3)), False),   # an RGB stem
     ((2, 12, 12, 8, 8), 3, 2, ((1, 1), (1, 1)), False),    # strided
 ])
-def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, padding, winograd):
+def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, padding, winograd, monkeypatch):
     """Winograd F(2x2, 3x3) and the patch-matmul kernel gradient give lax.conv's values and gradients."""
+    monkeypatch.setattr(conv_module, "WINOGRAD_MIN_MACS", 0)  # these shapes are small to keep the test fast
     n, h, w, c, k = shape
     x = jax.random.normal(jax.random.key(0), (n, h, w, c))
     weights = jax.random.normal(jax.random.key(1), (kernel, kernel, c, k)) / np.sqrt(kernel * kernel * c)
@@ -149,6 +151,19 @@ def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, p
     traced = str(jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (stride, stride), padding,
                                                                dimension_numbers=_HWIO))(x))
     assert ("conv_general_dilated" not in traced) == winograd
+
+
+def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
+    """Small or bfloat16 3x3 convolutions stay direct: Winograd's compile time would outweigh its gain."""
+    def traced(shape, dtype=jnp.float32):
+        n, h, c, k = shape
+        x, w = jnp.ones((n, h, h, c), dtype), jnp.ones((3, 3, c, k), dtype)
+        return str(jax.make_jaxpr(lambda x: conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                                 dimension_numbers=_HWIO))(x))
+
+    assert "conv_general_dilated" not in traced((16, 28, 64, 64))  # ResNet-50's at 112 px: 462 M
+    assert "conv_general_dilated" in traced((2, 16, 64, 64))  # 19 M multiply-adds
+    assert "conv_general_dilated" in traced((16, 28, 64, 64), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID", 0])
