@@ -52,10 +52,13 @@ MATMUL_1X1_PLATFORMS = frozenset({"cpu"})
 # Where XLA:CPU runs a 3x3 stride-1 float32 convolution as F(2x2, 3x3) Winograd. Measured forward
 # and backward at ResNet-50's 3x3 shapes, batch 16: 28x28x64 1.7x forward, 2.3x forward+backward;
 # 7x7x256 1.25x, 1.4x; at 4x4x512 the kernel's transform makes the forward pass 0.8x, hence a least
-# output size. Each rewritten convolution costs XLA about 0.5-1 s more to compile, so small ones
-# (under 50 M multiply-adds, a millisecond or two per step) stay direct.
+# output size.
 WINOGRAD_MIN_SIZE = 6
-WINOGRAD_MIN_MACS = 50_000_000
+# Each rewritten convolution (Winograd, or the patch-matmul kernel gradient) costs XLA:CPU 0.5-1 s
+# more to compile. Below 100 M multiply-adds a convolution takes a few milliseconds a step, so the
+# rewrite would take hundreds of steps to pay for itself (and the test suite, which compiles dozens
+# of small models, would pay only the cost); such convolutions stay direct.
+REWRITE_MIN_MACS = 100_000_000
 
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
@@ -158,10 +161,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     - On the CPU, grouped convolutions with at most 8 input channels per group (depthwise ones:
       1) become sums of broadcast products, 10-40x faster than XLA:CPU's grouped convolution;
       those with more keep the convolution but get their gradient as batched matmuls (30x faster).
-    - On the CPU, float32 3x3 stride-1 convolutions with outputs of at least
-      :data:`WINOGRAD_MIN_SIZE` pixels a side and :data:`WINOGRAD_MIN_MACS` multiply-adds run as
+    - On the CPU, ungrouped convolutions of at least :data:`REWRITE_MIN_MACS` multiply-adds: float32
+      3x3 stride-1 ones with outputs of at least :data:`WINOGRAD_MIN_SIZE` pixels a side run as
       F(2x2, 3x3) Winograd (:mod:`flaxnets.winograd`): 1.3-2.3x faster
-      forward and backward. Other ungrouped ones keep the convolution but get their kernel
+      forward and backward; the others keep the convolution but get their kernel
       gradient as one matmul over the input's patches (1.1-4x faster).
 
     Same numbers up to rounding; anything else goes to ``lax.conv_general_dilated`` unchanged.
@@ -179,13 +182,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     cpu = target_platform() == "cpu"
     if plain and cpu and feature_group_count == 1 and rhs.shape[:2] != (1, 1):
         pads = tuple(tuple(p) for p in padding)
-        out_size = min(lhs.shape[1] + sum(pads[0]), lhs.shape[2] + sum(pads[1])) - 2
-        out_pixels = lhs.shape[0] * (lhs.shape[1] + sum(pads[0]) - 2) * (lhs.shape[2] + sum(pads[1]) - 2)
-        if (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and out_size >= WINOGRAD_MIN_SIZE
-                and out_pixels * 9 * rhs.shape[2] * rhs.shape[3] >= WINOGRAD_MIN_MACS
-                and lhs.dtype == rhs.dtype == jnp.float32):
-            return winograd_conv3x3(lhs, rhs, pads)
-        return _patch_gradient_conv(lhs, rhs, tuple(window_strides), pads)
+        kh, kw, channels, features = rhs.shape
+        (stride_h, stride_w), (n, height, width, _) = window_strides, lhs.shape
+        out_h = (height + sum(pads[0]) - kh) // stride_h + 1
+        out_w = (width + sum(pads[1]) - kw) // stride_w + 1
+        if n * out_h * out_w * kh * kw * channels * features >= REWRITE_MIN_MACS:
+            if ((kh, kw, stride_h, stride_w) == (3, 3, 1, 1) and min(out_h, out_w) >= WINOGRAD_MIN_SIZE
+                    and lhs.dtype == rhs.dtype == jnp.float32):
+                return winograd_conv3x3(lhs, rhs, pads)
+            return _patch_gradient_conv(lhs, rhs, (stride_h, stride_w), pads)
     if plain and feature_group_count > 1 and target_platform() == "cpu":
         args = (tuple(window_strides), tuple(tuple(p) for p in padding), feature_group_count)
         if rhs.shape[2] <= _MAX_SUMMED_CHANNELS:

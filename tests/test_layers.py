@@ -133,7 +133,7 @@ _HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1
 ])
 def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, padding, winograd, monkeypatch):
     """Winograd F(2x2, 3x3) and the patch-matmul kernel gradient give lax.conv's values and gradients."""
-    monkeypatch.setattr(conv_module, "WINOGRAD_MIN_MACS", 0)  # these shapes are small to keep the test fast
+    monkeypatch.setattr(conv_module, "REWRITE_MIN_MACS", 0)  # these shapes are small to keep the test fast
     n, h, w, c, k = shape
     x = jax.random.normal(jax.random.key(0), (n, h, w, c))
     weights = jax.random.normal(jax.random.key(1), (kernel, kernel, c, k)) / np.sqrt(kernel * kernel * c)
@@ -154,7 +154,7 @@ def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, p
 
 
 def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
-    """Small or bfloat16 3x3 convolutions stay direct: Winograd's compile time would outweigh its gain."""
+    """Small or bfloat16 3x3 convolutions are not Winograd's: its compile time would outweigh its gain."""
     def traced(shape, dtype=jnp.float32):
         n, h, c, k = shape
         x, w = jnp.ones((n, h, h, c), dtype), jnp.ones((3, 3, c, k), dtype)
