@@ -70,7 +70,8 @@ def test_unknown_protocol_lists_the_valid_ones():
         get_protocol("12crop")
 
 
-@pytest.mark.parametrize("name", ["vgg11", "alexnet"])
+# Both turn their classifier into convolutions the same way; VGG-11 (60 s here) runs under `-m slow`.
+@pytest.mark.parametrize("name", [pytest.param("vgg11", marks=pytest.mark.slow), "alexnet"])
 def test_dense_equals_plain_at_the_training_size(name):
     model = flaxnets.create_model(name, num_classes=10)
     size = flaxnets.model_info(name).input_size

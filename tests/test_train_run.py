@@ -135,8 +135,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_SHARDING_ARGS = ["--no-progress", "--epochs", "2", "--set", "image_size=16", "--set", "batch_size=64",
+                  "--set", "warmup_epochs=0", "--log-every", "1", "--input-order", "global"]
+
+
+def _two_processes(common, workdir, max_steps):
+    """Trains in two processes (one coordinator on localhost); returns process 0's stdout."""
+    port = _free_port()
+    pair = [_python([*common, "--workdir", workdir, "--max-steps", str(max_steps),
+                     "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)])
+            for i in range(2)]
+    results = [p.communicate(timeout=600) for p in pair]
+    for p, (out, err) in zip(pair, results):
+        assert p.returncode == 0, err[-3000:]
+    assert "training resnet18" in results[0][0] and "training" not in results[1][0]  # only process 0 logs
+    return results[0][0]
+
+
 def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_dir):
-    """1 and 4 devices and 2 processes take the same first step; 2 processes resume together.
+    """1 and 4 devices and 2 processes take the same first step.
 
     The processes read in the global order (every process reads every record): with per-host
     reading, the default, each topology sees other batches by design.
@@ -148,30 +165,18 @@ def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_di
     this seed), and later steps grow it tenfold per step; a topology that mis-scales or
     mis-averages its gradients is off by 50% or more there.
     """
-    common = ["--data-dir", data_dir, "--no-progress", "--epochs", "2", "--set", "image_size=16",
-              "--set", "batch_size=64", "--set", "warmup_epochs=0", "--log-every", "1", "--input-order", "global"]
+    common = [*_SHARDING_ARGS, "--data-dir", data_dir]
     procs = {f"devices{n}": _python([*common, "--workdir", str(tmp_path / f"devices{n}"), "--max-steps", "1"],
                                     devices=n) for n in (1, 4)}
     outputs = {name: p.communicate(timeout=600) for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, outputs[name][1][-2000:]
 
-    def two_processes(workdir, max_steps):
-        port = _free_port()
-        pair = [_python([*common, "--workdir", workdir, "--max-steps", str(max_steps),
-                         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)])
-                for i in range(2)]
-        results = [p.communicate(timeout=600) for p in pair]
-        for p, (out, err) in zip(pair, results):
-            assert p.returncode == 0, err[-3000:]
-        assert "training resnet18" in results[0][0] and "training" not in results[1][0]  # only process 0 logs
-        return results[0][0]
-
     def losses(path):
         return [json.loads(line)["loss"] for line in open(os.path.join(path, "train_log.jsonl"))]
 
     multihost = str(tmp_path / "multihost")
-    two_processes(multihost, 1)
+    _two_processes(common, multihost, 1)
     init = _initial_params()
     reference = final_params(str(tmp_path / "devices1"))
     moved = {k: reference[k] - init[k] for k in reference}
@@ -189,9 +194,16 @@ def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_di
         assert relative_gap(["/fc/kernel", "/fc/bias"]) < 1e-4, name  # seen: 1e-6
         assert relative_gap(sorted(reference)) < 0.03, name  # seen: 0.003
 
-    # Both processes resume from their shared checkpoint and go on.
-    assert "resumed from step 1" in two_processes(multihost, 2)
-    assert len(losses(multihost)) == 2 and np.isfinite(losses(multihost)).all()
+
+@pytest.mark.slow  # two more pairs of training processes (about 50 s)
+def test_two_processes_resume_together(tmp_path, data_dir):
+    """Both processes resume from their shared checkpoint and go on."""
+    common = [*_SHARDING_ARGS, "--data-dir", data_dir]
+    multihost = str(tmp_path / "multihost")
+    _two_processes(common, multihost, 1)
+    assert "resumed from step 1" in _two_processes(common, multihost, 2)
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(multihost, "train_log.jsonl"))]
+    assert len(losses) == 2 and np.isfinite(losses).all()
 
 
 def _initial_params():
