@@ -76,12 +76,17 @@ def strided_taps(x: jax.Array, kernel_hw: tuple[int, int], strides, padding, pad
             for i in range(kh) for j in range(kw)]
 
 
+def image_patches(x: jax.Array, kernel_hw: tuple[int, int], strides, padding) -> jax.Array:
+    """The input under every kernel tap, stacked: (N, H', W', kh * kw, C)."""
+    return jnp.stack([view for _, _, view in strided_taps(x, kernel_hw, strides, padding)], axis=3)
+
+
 def _grouped_conv_as_matmuls(x: jax.Array, kernel: jax.Array, strides, padding, groups: int) -> jax.Array:
     """A grouped NHWC convolution written as patches times a per-group kernel (a batched matmul)."""
     kh, kw, _, features = kernel.shape
-    taps = strided_taps(x, (kh, kw), strides, padding)
-    n, out_h, out_w, channels = taps[0][2].shape
-    patches = jnp.stack([view for _, _, view in taps], axis=3).reshape(n, out_h, out_w, kh * kw, groups, -1)
+    patches = image_patches(x, (kh, kw), strides, padding)
+    n, out_h, out_w, _, channels = patches.shape
+    patches = patches.reshape(n, out_h, out_w, kh * kw, groups, -1)
     kernel = kernel.reshape(kh * kw, channels // groups, groups, features // groups)
     return jnp.einsum("nhwkgc,kcgd->nhwgd", patches, kernel).reshape(n, out_h, out_w, features)
 
@@ -137,8 +142,7 @@ def _patch_gradient_conv_backward(strides, padding, residuals, grad):
     kh, kw, channels, features = kernel.shape
     _, input_pullback = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                                                         dimension_numbers=_NHWC), x)
-    patches = jnp.stack([view for _, _, view in strided_taps(x, (kh, kw), strides, padding)], axis=3)
-    patches = patches.reshape(-1, kh * kw * channels)
+    patches = image_patches(x, (kh, kw), strides, padding).reshape(-1, kh * kw * channels)
     kernel_grad = jax.lax.dot_general(patches, grad.reshape(-1, features), (((0,), (0,)), ((), ())))
     return input_pullback(grad)[0], kernel_grad.reshape(kernel.shape).astype(kernel.dtype)
 
@@ -191,7 +195,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                     and lhs.dtype == rhs.dtype == jnp.float32):
                 return winograd_conv3x3(lhs, rhs, pads)
             return _patch_gradient_conv(lhs, rhs, (stride_h, stride_w), pads)
-    if plain and feature_group_count > 1 and target_platform() == "cpu":
+    if plain and cpu and feature_group_count > 1:
         args = (tuple(window_strides), tuple(tuple(p) for p in padding), feature_group_count)
         if rhs.shape[2] <= _MAX_SUMMED_CHANNELS:
             return _grouped_conv_as_sums(lhs, rhs, *args)

@@ -152,6 +152,11 @@ def _two_processes(common, workdir, max_steps):
     return results[0][0]
 
 
+def _losses(workdir):
+    """The per-step training losses a run logged."""
+    return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "train_log.jsonl"))]
+
+
 def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_dir):
     """1 and 4 devices and 2 processes take the same first step.
 
@@ -172,9 +177,6 @@ def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_di
     for name, p in procs.items():
         assert p.returncode == 0, outputs[name][1][-2000:]
 
-    def losses(path):
-        return [json.loads(line)["loss"] for line in open(os.path.join(path, "train_log.jsonl"))]
-
     multihost = str(tmp_path / "multihost")
     _two_processes(common, multihost, 1)
     init = _initial_params()
@@ -183,7 +185,7 @@ def test_sharded_and_multi_process_training_take_the_same_step(tmp_path, data_di
     assert np.linalg.norm(np.concatenate([m.ravel() for m in moved.values()])) > 0.1
     for name in ("devices4", "multihost"):
         path = str(tmp_path / name)
-        np.testing.assert_allclose(losses(path), losses(str(tmp_path / "devices1")), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(_losses(path), _losses(str(tmp_path / "devices1")), rtol=1e-5, err_msg=name)
         other = final_params(path)
         assert other.keys() == reference.keys()
 
@@ -202,8 +204,7 @@ def test_two_processes_resume_together(tmp_path, data_dir):
     multihost = str(tmp_path / "multihost")
     _two_processes(common, multihost, 1)
     assert "resumed from step 1" in _two_processes(common, multihost, 2)
-    losses = [json.loads(line)["loss"] for line in open(os.path.join(multihost, "train_log.jsonl"))]
-    assert len(losses) == 2 and np.isfinite(losses).all()
+    assert len(_losses(multihost)) == 2 and np.isfinite(_losses(multihost)).all()
 
 
 def _initial_params():

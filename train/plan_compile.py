@@ -162,14 +162,15 @@ def compile_request(request: dict[str, Any]) -> dict[str, Any]:
                 raise
             return {**refused, "compile_seconds": time.perf_counter() - started}
         seconds = time.perf_counter() - started
+        hlo_text = compiled.as_text()
         if request.get("hlo_path"):
             with open(request["hlo_path"], "w") as f:
-                f.write(compiled.as_text())
+                f.write(hlo_text)
         flops = _hlo_flops(recipe, batch_per_chip, build)
     state_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
     return {"fits": True, "compile_seconds": seconds, "memory": {**_memory(compiled), "state": state_bytes},
             "flops_per_step": flops, "compiled_flops_per_step": _compiled_flops(compiled),
-            "hlo": hlo_stats(compiled.as_text()),
+            "hlo": hlo_stats(hlo_text),
             "devices": len(devices), "hosts": len({d.process_index for d in devices}),
             "device_kind": devices[0].device_kind}
 
