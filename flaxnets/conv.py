@@ -182,7 +182,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         stride_h, stride_w = window_strides
         if (stride_h, stride_w) != (1, 1):
             lhs = lhs[:, ::stride_h, ::stride_w, :]
-        return jax.lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+        # A 2-D product: given the 4-D one, XLA:CPU writes the kernel gradient's output-gradient operand
+        # a second time, transposed (12% of a ResNet-50 step); as 2-D it reads it in place.
+        n, height, width, channels = lhs.shape
+        out = jax.lax.dot_general(lhs.reshape(-1, channels), rhs[0, 0], (((1,), (0,)), ((), ())), precision=precision)
+        return out.reshape(n, height, width, -1)
     cpu = target_platform() == "cpu"
     if plain and cpu and feature_group_count == 1 and rhs.shape[:2] != (1, 1):
         pads = tuple(tuple(p) for p in padding)
