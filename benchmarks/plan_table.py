@@ -8,6 +8,10 @@ markdown table is printed at the end. Needs the ``[plan]`` extra. XLA's TPU comp
 minutes per model on a 2-core machine.
 
     python benchmarks/plan_table.py [--models resnet50 vgg16] [--skip-max-batch]
+
+``--models all --targets v4:2x2x1 v5p:2x2x1 --skip-max-batch`` sweeps every registered model over
+other targets (the issue's check that ``--plan`` works for each); a target that fails is recorded
+with its one-line error and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from train.plan import estimate, make_plan, max_batch_per_chip, run_shape  # noqa: E402
+import flaxnets  # noqa: E402
+from train.plan import PlanError, estimate, make_plan, max_batch_per_chip, run_shape  # noqa: E402
 from train.recipes import recipe_for_model  # noqa: E402
 from train.targets import GiB, parse_target  # noqa: E402
 
@@ -64,21 +69,28 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help="registered model names, or 'all'")
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     parser.add_argument("--skip-max-batch", action="store_true")
     parser.add_argument("--max-compiles", type=int, default=5,
                         help="probes of the max-batch search (the 128 compile counts); fewer give a lower bound")
     args = parser.parse_args()
     results = _load()
-    for model in args.models:
+    models = flaxnets.list_models() if args.models == ["all"] else args.models
+    for model in models:
         entry = results.setdefault(model, {})
         base = recipe_for_model(model)
         shape = run_shape(base, precision="bf16")
-        for name in TARGETS:
+        for name in args.targets:
             if name in entry:
                 continue
             recipe = dataclasses.replace(base, batch_size=PER_CHIP * parse_target(name).chips)
-            entry[name] = make_plan(name, recipe, shape)
+            try:
+                entry[name] = make_plan(name, recipe, shape)
+            except PlanError as error:
+                print(f"{model} on {name}: {error}")
+                entry[name] = {"error": str(error)}
             _save(results)
         if not args.skip_max_batch and "max_batch_v5e" not in entry:
             target = parse_target("v5e:2x2")
