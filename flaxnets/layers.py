@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.conv import Conv, strided_taps
+from flaxnets.conv import Conv, strided_taps, target_platform
 
 ModuleFactory = Callable[..., nn.Module]
 
@@ -131,13 +131,52 @@ def max_pool(
 
     Padding never wins the max (it is -inf), and ``ceil_mode=True`` keeps a partial last window.
     Computed as the elementwise maximum of the window's ``window**2`` strided slices: the same
-    values as ``reduce_window``, and its gradient is a handful of fused selects, where XLA:CPU
-    expands ``reduce_window``'s gradient into a scatter about 10x slower. (Exact ties split the
-    gradient between the tied inputs; after a ReLU those are zeros, whose gradient is zero anyway.)
+    values as ``reduce_window``, where XLA:CPU expands ``reduce_window``'s gradient into a scatter
+    about 10x slower. On the CPU the gradient goes, as in PyTorch, to the first maximum of each
+    window, found in the forward pass; elsewhere it is autodiff's, which splits exact ties between
+    the tied inputs (after a ReLU those are zeros, whose gradient is zero anyway).
     """
     pads = tuple(_pool_padding(x.shape[axis], window, stride, padding, ceil_mode) for axis in (1, 2))
-    views = [view for _, _, view in strided_taps(x, (window, window), (stride, stride), pads, -jnp.inf)]
-    return functools.reduce(jnp.maximum, views)
+    if target_platform() == "cpu":
+        return _max_pool_to_first_max(x, window, stride, pads, x.shape[1:3])
+    return functools.reduce(jnp.maximum, _pool_views(x, window, stride, pads))
+
+
+def _pool_views(x: jax.Array, window: int, stride: int, pads) -> list[jax.Array]:
+    return [view for _, _, view in strided_taps(x, (window, window), (stride, stride), pads, -jnp.inf)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_to_first_max(x, window, stride, pads, input_hw):
+    return functools.reduce(jnp.maximum, _pool_views(x, window, stride, pads))
+
+
+def _max_pool_to_first_max_forward(x, window, stride, pads, input_hw):
+    views = _pool_views(x, window, stride, pads)
+    best, first = views[0], jnp.zeros(views[0].shape, jnp.int8 if window * window < 128 else jnp.int32)
+    for tap, view in enumerate(views[1:], 1):
+        larger = view > best
+        best, first = jnp.where(larger, view, best), jnp.where(larger, jnp.asarray(tap, first.dtype), first)
+    return functools.reduce(jnp.maximum, views), first
+
+
+def _max_pool_to_first_max_backward(window, stride, pads, input_hw, first, grad):
+    (height, width), (out_h, out_w) = input_hw, grad.shape[1:3]
+    zero = jnp.zeros((), grad.dtype)
+    total = None
+    for tap in range(window * window):
+        row, col = divmod(tap, window)
+        part = jnp.where(first == tap, grad, zero)
+        # Scatter the window position's outputs back to the input pixels they came from (negative
+        # padding crops what fell on the pool's own padding).
+        low_h, low_w = row - pads[0][0], col - pads[1][0]
+        part = jax.lax.pad(part, zero, ((0, 0, 0), (low_h, height - low_h - (out_h - 1) * stride - 1, stride - 1),
+                                        (low_w, width - low_w - (out_w - 1) * stride - 1, stride - 1), (0, 0, 0)))
+        total = part if total is None else total + part
+    return (total,)
+
+
+_max_pool_to_first_max.defvjp(_max_pool_to_first_max_forward, _max_pool_to_first_max_backward)
 
 
 def avg_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
