@@ -145,7 +145,7 @@ def test_missing_or_foreign_directories_are_clear_errors(tmp_path):
     assert main(["--workdir", str(tmp_path / "nowhere"), "--no-progress"]) == 1
 
 
-def test_command_line_on_a_trained_run_and_on_converted_weights(tmp_path, data_dir, capsys):
+def test_command_line_reproduces_a_trained_runs_evaluation(tmp_path, data_dir):
     recipe = dataclasses.replace(get_recipe(DEFAULT_RECIPE), image_size=16, epochs=1)
     run(recipe, RunConfig(workdir=str(tmp_path / "run"), data_dir=data_dir, progress=False))
     trained_top1 = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["eval_top1"]
@@ -154,11 +154,13 @@ def test_command_line_on_a_trained_run_and_on_converted_weights(tmp_path, data_d
     assert center["top1"] == pytest.approx(trained_top1)  # the training-time evaluation, reproduced
     assert center["members"][0]["weights"].startswith("best checkpoint, step 22")
 
-    member = random_member()
-    save_converted(str(tmp_path / "converted"), "resnet18", member.variables, num_classes=10)
-    args = ["--workdir", str(tmp_path / "run"), "--ensemble", str(tmp_path / "converted"), "--protocol", "all",
-            "--image-size", "16", "--limit", "6", "--data-dir", data_dir, "--no-progress",
-            "--out", str(tmp_path / "all.json")]
+
+def test_command_line_on_an_ensemble_of_converted_weights_with_every_protocol(tmp_path, data_dir, capsys):
+    for seed, directory in enumerate(("first", "second")):
+        save_converted(str(tmp_path / directory), "resnet18", random_member(seed=seed).variables, num_classes=10)
+    args = ["--workdir", str(tmp_path / "first"), "--ensemble", str(tmp_path / "second"), "--protocol", "all",
+            "--dataset", "flaxnets_digits", "--image-size", "16", "--limit", "6", "--data-dir", data_dir,
+            "--no-progress", "--out", str(tmp_path / "all.json")]
     capsys.readouterr()
     assert main(args) == 0
     results = json.load(open(tmp_path / "all.json"))
