@@ -11,7 +11,8 @@ minutes per model on a 2-core machine.
 
 ``--models all --targets v4:2x2x1 v5p:2x2x1 --skip-max-batch`` sweeps every registered model over
 other targets (the issue's check that ``--plan`` works for each); a target that fails is recorded
-with its one-line error and the sweep goes on.
+with its one-line error and the sweep goes on. Two sweeps can compile side by side, each with its
+own ``--results`` file.
 """
 
 from __future__ import annotations
@@ -35,18 +36,18 @@ PER_CHIP = 128
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "plan_table.json")
 
 
-def _load() -> dict:
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
+def _load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
             return json.load(f)
     return {}
 
 
-def _save(results: dict) -> None:
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS + ".partial", "w") as f:
+def _save(results: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".partial", "w") as f:
         json.dump(results, f, indent=2)
-    os.replace(RESULTS + ".partial", RESULTS)
+    os.replace(path + ".partial", path)
 
 
 def table(results: dict) -> str:
@@ -67,6 +68,26 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def sweep_table(results: dict, models: list[str], targets: list[str]) -> str:
+    """A markdown row per model: each target's peak GiB per chip and compile seconds, or its error."""
+    rows = ["| model | GFLOP/image (training) | " + " | ".join(f"{t}: peak GiB/chip, compile s" for t in targets) + " |",
+            "|---|---:|" + "---:|" * len(targets)]
+    for model in models:
+        entry, cells, flops = results.get(model, {}), [], None
+        for name in targets:
+            plan = entry.get(name)
+            if not plan:
+                cells.append("not planned")
+            elif "error" in plan:
+                cells.append(f"failed: {plan['error'][:60]}")
+            else:
+                flops = flops or plan["flops"]["per_image"]
+                cells.append(f"{plan['memory_per_chip']['peak'] / GiB:.2f}, {plan['compile_seconds']:.0f}")
+        rows.append(f"| {model} | {flops / 1e9:.1f} | " if flops else f"| {model} | - | ")
+        rows[-1] += " | ".join(cells) + " |"
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS),
@@ -75,8 +96,10 @@ def main() -> None:
     parser.add_argument("--skip-max-batch", action="store_true")
     parser.add_argument("--max-compiles", type=int, default=5,
                         help="probes of the max-batch search (the 128 compile counts); fewer give a lower bound")
+    parser.add_argument("--results", default=RESULTS,
+                        help="JSON file to resume from and write to (one per sweep that runs beside another)")
     args = parser.parse_args()
-    results = _load()
+    results = _load(args.results)
     models = flaxnets.list_models() if args.models == ["all"] else args.models
     for model in models:
         entry = results.setdefault(model, {})
@@ -91,7 +114,7 @@ def main() -> None:
             except PlanError as error:
                 print(f"{model} on {name}: {error}")
                 entry[name] = {"error": str(error)}
-            _save(results)
+            _save(results, args.results)
         if not args.skip_max_batch and "max_batch_v5e" not in entry:
             target = parse_target("v5e:2x2")
             recipe = dataclasses.replace(base, batch_size=PER_CHIP * target.chips)
@@ -106,8 +129,8 @@ def main() -> None:
             entry["max_batch_probes"] = {str(b): r.get("memory", {}).get("peak") for b, r in probes.items()}
             if best and best != PER_CHIP and best in probes and probes[best].get("flops_per_step"):
                 entry["v5e_at_max_batch"] = estimate(target, recipe, shape, probes[best], best, 0.25)
-            _save(results)
-    print(table(results))
+            _save(results, args.results)
+    print(table(results) if args.targets == list(TARGETS) else sweep_table(results, models, args.targets))
 
 
 if __name__ == "__main__":
