@@ -116,6 +116,11 @@ def main() -> None:
                 entry[name] = {"error": str(error)}
             _save(results, args.results)
         if not args.skip_max_batch and "max_batch_v5e" not in entry:
+            if "memory_per_chip" not in entry.get("v5e:2x2", {}):
+                # The search starts from the 128-per-chip v5e plan; a sweep of other targets has none.
+                print(f"{model}: no v5e:2x2 plan to start the largest-batch search from; skipped "
+                      "(add v5e:2x2 to --targets, or pass --skip-max-batch)")
+                continue
             target = parse_target("v5e:2x2")
             recipe = dataclasses.replace(base, batch_size=PER_CHIP * target.chips)
             measured = entry["v5e:2x2"]["memory_per_chip"]
