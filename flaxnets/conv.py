@@ -1,11 +1,12 @@
 """``Conv``: ``nn.Conv`` with the same parameters and results, rewritten where XLA:CPU is slow.
 
 XLA:CPU runs some convolutions far below what the hardware allows: 1x1 convolutions (3x slower
-forward and backward than the same matrix product), 3x3 ones (1.3-4x slower than Winograd's
-F(2x2, 3x3) as batched matmuls), kernel gradients (1.1-4x slower than a matmul over the patches),
-grouped convolutions (the gradient about 30x slower than the forward pass) and depthwise ones
-(10-40x slower than a fused elementwise loop). :func:`conv_general_dilated` routes those to
-equivalent formulations on the CPU; every model builds its convolutions from :data:`Conv`.
+forward and backward than the same matrix product), 3x3 ones with many channels (1.3x slower at
+the median than Winograd's F(2x2, 3x3) as batched matmuls), some kernel gradients (up to 1.7x
+slower than a matmul over the patches), grouped convolutions (the gradient about 30x slower than
+the forward pass) and depthwise ones (10-40x slower than a fused elementwise loop).
+:func:`conv_general_dilated` routes those to equivalent formulations on the CPU; every model
+builds its convolutions from :data:`Conv`.
 """
 
 from __future__ import annotations
@@ -50,15 +51,24 @@ def target_platform() -> str:
 MATMUL_1X1_PLATFORMS = frozenset({"cpu"})
 
 # Where XLA:CPU runs a 3x3 stride-1 float32 convolution as F(2x2, 3x3) Winograd. Measured forward
-# and backward at ResNet-50's 3x3 shapes, batch 16: 28x28x64 1.7x forward, 2.3x forward+backward;
-# 7x7x256 1.25x, 1.4x; at 4x4x512 the kernel's transform makes the forward pass 0.8x, hence a least
-# output size.
+# and backward at ResNet-50's 3x3 shapes, batch 16 (2-core AVX-512 EPYC, 2026-12-01): 28x28x64
+# 1.3x forward, 1.04x forward+backward; 14x14x128 1.0x, 1.25x; 7x7x256 0.8x, 1.3x; at 4x4x512 the
+# kernel's transform makes the forward pass 0.8x (on the AVX2 machine of 2026-11-24), hence a
+# least output size.
 WINOGRAD_MIN_SIZE = 6
 # Each rewritten convolution (Winograd, or the patch-matmul kernel gradient) costs XLA:CPU 0.5-1 s
 # more to compile. Below 100 M multiply-adds a convolution takes a few milliseconds a step, so the
 # rewrite would take hundreds of steps to pay for itself (and the test suite, which compiles dozens
 # of small models, would pay only the cost); such convolutions stay direct.
 REWRITE_MIN_MACS = 100_000_000
+# Since XLA:CPU runs its own convolutions through YNNPACK (jax 0.10), both rewrites lose where the
+# channels are few. Measured forward and backward, batch 16, 2-core AVX-512 EPYC, 2026-12-01:
+# VGG's RGB 3x3 at 112 px (3 -> 64) 21 ms direct vs 95 ms as Winograd; DenseNet's 3x3 at 28 px
+# (128 -> 32) 21 vs 47 ms; the RGB 7x7/2 stems' kernel gradient 13.5 vs 35 ms as a patch matmul,
+# GoogLeNet's 5x5 (16 -> 32) 6.6 vs 16 ms. From 64 channels in and out Winograd still gains
+# (ResNet-50's 14x14x128: 8.3 vs 10.3 ms; VGG's 28x28x256: 209 vs 233 ms) and the patch gradient
+# is even or better (GoogLeNet's 56 px 64 -> 192: 204 vs 344 ms).
+REWRITE_MIN_CHANNELS = 64
 
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
@@ -152,10 +162,10 @@ def _patch_gradient_conv_backward(strides, padding, residuals, grad):
     return input_pullback(grad)[0], kernel_grad.reshape(kernel.shape).astype(kernel.dtype)
 
 
-# XLA:CPU computes the kernel gradient of a convolution 1.1-4x slower than the same sum written as
-# one matmul over the input's patches: ResNet-50's RGB stem (7x7/2 at 112 px, batch 16) 174 vs
-# 46 ms, its 3x3 stride-2 and 4x4-pixel convolutions about 15%. Stems' input gradients are dead
-# (the input is the image) and XLA drops them.
+# XLA:CPU computes some kernel gradients slower than the same sum written as one matmul over the
+# input's patches: GoogLeNet's 3x3 at 56 px (64 -> 192, batch 16) 344 vs 204 ms; ResNet-50's 3x3
+# stride-2 and 4x4-pixel convolutions are even. With few input channels the patch matmul loses
+# (see REWRITE_MIN_CHANNELS), so RGB stems keep XLA's gradient.
 _patch_gradient_conv.defvjp(_patch_gradient_conv_forward, _patch_gradient_conv_backward)
 
 
@@ -171,11 +181,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       1) become sums of broadcast products, 10-40x faster than XLA:CPU's grouped convolution;
       those with more keep the convolution. All but depthwise ones get their gradient as batched
       matmuls (30x faster than XLA's, 2x faster than the sums').
-    - On the CPU, ungrouped convolutions of at least :data:`REWRITE_MIN_MACS` multiply-adds: float32
-      3x3 stride-1 ones with outputs of at least :data:`WINOGRAD_MIN_SIZE` pixels a side run as
-      F(2x2, 3x3) Winograd (:mod:`flaxnets.winograd`): 1.3-2.3x faster
-      forward and backward; the others keep the convolution but get their kernel
-      gradient as one matmul over the input's patches (1.1-4x faster).
+    - On the CPU, ungrouped convolutions of at least :data:`REWRITE_MIN_MACS` multiply-adds and
+      :data:`REWRITE_MIN_CHANNELS` channels in and out: float32 3x3 stride-1 ones with outputs of
+      at least :data:`WINOGRAD_MIN_SIZE` pixels a side run as F(2x2, 3x3) Winograd
+      (:mod:`flaxnets.winograd`), 1.3x faster forward and backward at the median shape; the others
+      keep the convolution but get their kernel gradient as one matmul over the input's patches
+      (even, up to 1.7x faster). RGB stems and DenseNet's 32-channel convolutions stay direct.
 
     Same numbers up to rounding; anything else goes to ``lax.conv_general_dilated`` unchanged.
     """
@@ -200,7 +211,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         (stride_h, stride_w), (n, height, width, _) = window_strides, lhs.shape
         out_h = (height + sum(pads[0]) - kh) // stride_h + 1
         out_w = (width + sum(pads[1]) - kw) // stride_w + 1
-        if n * out_h * out_w * kh * kw * channels * features >= REWRITE_MIN_MACS:
+        if (n * out_h * out_w * kh * kw * channels * features >= REWRITE_MIN_MACS
+                and min(channels, features) >= REWRITE_MIN_CHANNELS):
             if ((kh, kw, stride_h, stride_w) == (3, 3, 1, 1) and min(out_h, out_w) >= WINOGRAD_MIN_SIZE
                     and lhs.dtype == rhs.dtype == jnp.float32):
                 return winograd_conv3x3(lhs, rhs, pads)

@@ -135,6 +135,7 @@ _HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1
 def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, padding, winograd, monkeypatch):
     """Winograd F(2x2, 3x3) and the patch-matmul kernel gradient give lax.conv's values and gradients."""
     monkeypatch.setattr(conv_module, "REWRITE_MIN_MACS", 0)  # these shapes are small to keep the test fast
+    monkeypatch.setattr(conv_module, "REWRITE_MIN_CHANNELS", 0)
     n, h, w, c, k = shape
     x = jax.random.normal(jax.random.key(0), (n, h, w, c))
     weights = jax.random.normal(jax.random.key(1), (kernel, kernel, c, k)) / np.sqrt(kernel * kernel * c)
@@ -155,7 +156,8 @@ def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, p
 
 
 def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
-    """Small or bfloat16 3x3 convolutions are not Winograd's: its compile time would outweigh its gain."""
+    """Small, bfloat16 or few-channel 3x3 convolutions are not Winograd's: compile time or XLA's own
+    convolution would outweigh its gain."""
     def traced(shape, dtype=jnp.float32):
         n, h, c, k = shape
         x, w = jnp.ones((n, h, h, c), dtype), jnp.ones((3, 3, c, k), dtype)
@@ -165,6 +167,9 @@ def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
     assert "conv_general_dilated" not in traced((16, 28, 64, 64))  # ResNet-50's at 112 px: 462 M
     assert "conv_general_dilated" in traced((2, 16, 64, 64))  # 19 M multiply-adds
     assert "conv_general_dilated" in traced((16, 28, 64, 64), jnp.bfloat16)
+    # Few channels: XLA's own (YNNPACK) convolution is 2-4x faster there.
+    assert "conv_general_dilated" in traced((16, 112, 3, 64))  # VGG's RGB convolution: 347 M
+    assert "conv_general_dilated" in traced((16, 28, 128, 32))  # DenseNet's 32-channel growth: 462 M
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID", 0])
