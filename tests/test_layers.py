@@ -172,6 +172,19 @@ def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
     assert "conv_general_dilated" in traced((16, 28, 128, 32))  # DenseNet's 32-channel growth: 462 M
 
 
+def test_patch_gradient_only_with_many_channels():
+    """The patch-matmul kernel gradient (a custom VJP) is for wide convolutions; an RGB stem keeps
+    XLA's own gradient, 2.6x faster there."""
+    def traced(x_shape, kernel_shape, stride):
+        x, w = jnp.ones(x_shape), jnp.ones(kernel_shape)
+        pad = ((kernel_shape[0] // 2,) * 2,) * 2
+        return str(jax.make_jaxpr(lambda x: conv_general_dilated(x, w, (stride, stride), pad,
+                                                                 dimension_numbers=_HWIO))(x))
+
+    assert "custom_vjp" not in traced((16, 112, 112, 3), (7, 7, 3, 64), 2)  # ResNet's stem: 472 M
+    assert "custom_vjp" in traced((16, 28, 28, 128), (3, 3, 128, 128), 2)  # a strided 3x3: 462 M
+
+
 @pytest.mark.parametrize("padding", ["SAME", "VALID", 0])
 def test_pointwise_convs_run_as_matrix_products(padding):
     x = jnp.ones((2, 8, 8, 16))
