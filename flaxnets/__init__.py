@@ -2,10 +2,10 @@
 
 Quick start::
 
-    import jax, jax.numpy as jnp, flaxnets
+    import jax, flaxnets
     model = flaxnets.create_model("resnet50", num_classes=1000)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-    logits = model.apply(variables, images, train=False)          # images: NHWC
+    variables = flaxnets.init_variables(model, jax.random.key(0), 224)  # = model.init, compiled
+    logits = model.apply(variables, images, train=False)  # images: NHWC
 
 ``flaxnets.list_models()`` lists every architecture; ``python -m flaxnets`` prints the table.
 ``create_model(name, pretrained=True)`` loads published ImageNet weights (``list_pretrained()``)
@@ -19,6 +19,7 @@ from flaxnets.convert import load_converted
 from flaxnets.dense import dense_logits
 from flaxnets.download import WeightsUnavailableError, cache_dir
 from flaxnets.features import extract_features
+from flaxnets.initialize import init_variables
 from flaxnets.pretrained import classifier_mask, is_checkpoint_location, pretrained
 from flaxnets.preprocess import decode_predictions, imagenet_classes, preprocess
 from flaxnets.registry import ModelInfo, create_model, list_models, model_info, register, resolve_name
@@ -40,6 +41,7 @@ __all__ = [
     "extract_features",
     "from_torch",
     "imagenet_classes",
+    "init_variables",
     "is_checkpoint_location",
     "list_models",
     "list_pretrained",

@@ -15,7 +15,6 @@ A model is its linen module wrapped in :class:`flax.nnx.bridge.ToNNX`: the weigh
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from flax.nnx import bridge
 
 import flaxnets
 from flaxnets import registry
+from flaxnets.initialize import init_variables
 
 # The NNX variable type the bridge gives GoogLeNet's sown "aux_logits" collection.
 AuxLogits = nnx.variable_type_from_name("aux_logits", allow_register=True)
@@ -99,8 +99,7 @@ def create_model(
     size = input_size or registry.model_info(name).input_size
     sample = jnp.zeros((1, size, size, 3), jnp.float32)
     if variables is None:
-        init = jax.jit(functools.partial(linen_model.init, train=False))
-        variables = init(rngs.params(), sample)
+        variables = init_variables(linen_model, rngs.params(), size, train=False)
     # The bridge's lazy init, traced without computing anything, gives the module's layout;
     # the weights are then put in from `variables` and the rng state from a real fork of `rngs`.
     module = Model(linen_model, rngs=rngs)

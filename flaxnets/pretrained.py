@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from flaxnets import download
+from flaxnets.initialize import init_variables
 from flaxnets.registry import create_model, model_info
 from flaxnets.weights_table import Weights, weights_info
 
@@ -76,8 +77,7 @@ def with_new_head(model: nn.Module, loaded: dict[str, Any], input_size: int, see
     ``input_size`` is the resolution the weights were built for (it sizes VGG's and AlexNet's
     first FC layer); the new leaves come from ``model.init`` with ``seed``.
     """
-    dummy = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
-    fresh = jax.jit(model.init)(jax.random.key(seed), dummy)
+    fresh = init_variables(model, jax.random.key(seed), input_size)
     return merge_by_shape(jax.tree.map(np.asarray, fresh), loaded)
 
 

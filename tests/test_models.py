@@ -189,9 +189,14 @@ def test_vgg_paper_initialisation():
     assert np.all(params["conv3_1"]["conv"]["bias"] == 0)
 
 
-def test_resnet_he_init_and_zero_init_residual():
+def test_resnet_he_init_and_zero_init_residual_and_init_variables_is_init():
     model = flaxnets.create_model("resnet50", zero_init_residual=True)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    # The same program compiled with init_compiler_options (LLVM level 1 on the CPU): bit for bit.
+    assert flaxnets.initialize.init_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+    quick = flaxnets.init_variables(model, jax.random.key(0), 64)["params"]
+    assert jax.tree.structure(quick) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(quick), jax.tree.leaves(params)))
     assert np.all(params["layer1_0"]["bn3"]["scale"] == 0)
     assert np.all(params["layer1_0"]["bn1"]["scale"] == 1)
     kernel = params["layer3_0"]["conv2"]["kernel"]  # 3x3, 256 -> 256: fan_out 2304

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from flaxnets.initialize import run_compiled_init
 from flaxnets.layers import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -51,16 +52,15 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, image_size:
 
     # One compiled program: run eagerly, the initialisers dispatch (and compile) op by op, over a
     # hundred small programs for a ResNet.
-    @jax.jit
-    def arrays():
-        variables = model.init(init_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+    def arrays(key):
+        variables = model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
         params = variables["params"]
         # ema_params is a separate buffer: the jitted step donates the state, and one buffer
         # must not be donated twice.
         average = jax.tree.map(jnp.copy, params) if ema else {}
         return params, variables.get("batch_stats", {}), tx.init(params), average
 
-    params, batch_stats, opt_state, ema_params = arrays()
+    params, batch_stats, opt_state, ema_params = run_compiled_init(arrays, init_key)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
