@@ -40,7 +40,7 @@ import flaxnets  # noqa: E402
 from flaxnets.torch_weights import torch_counterpart  # noqa: E402
 from train.optim import make_optimizer, make_schedule  # noqa: E402
 from train.recipes import Recipe  # noqa: E402
-from train.steps import create_state, train_step  # noqa: E402
+from train.steps import create_state, train_step, train_step_compiler_options  # noqa: E402
 
 DEFAULT_MODELS = ("resnet50", "resnext50_32x4d", "vgg16", "densenet121", "googlenet_bn", "xception")
 AUX_WEIGHT = 0.3  # GoogLeNet's auxiliary losses, in both frameworks
@@ -100,7 +100,8 @@ def jax_runner(name: str, args, num_classes: int):
     images = jax.random.normal(key, (args.batch, args.image_size, args.image_size, 3), jnp.float32)
     batch = {"image": images, "label": jax.random.randint(key, (args.batch,), 0, num_classes)}
     aux = AUX_WEIGHT if name.startswith("googlenet") else 0.0
-    step = jax.jit(lambda s, b: train_step(s, b, num_classes=num_classes, aux_loss_weight=aux), donate_argnums=0)
+    step = jax.jit(lambda s, b: train_step(s, b, num_classes=num_classes, aux_loss_weight=aux), donate_argnums=0,
+                   compiler_options=train_step_compiler_options(jax.default_backend()))
     infer = jax.jit(lambda s, x: s.apply_fn(
         {"params": s.params, **({"batch_stats": s.batch_stats} if s.batch_stats else {})}, x, train=False))
     start = time.perf_counter()

@@ -22,7 +22,7 @@ import flaxnets
 from flaxnets.pretrained import classifier_mask
 from train.optim import make_optimizer, make_schedule
 from train.recipes import Recipe
-from train.steps import TrainState, create_state, eval_step, train_step
+from train.steps import TrainState, create_state, eval_step, train_step, train_step_compiler_options
 
 
 def build_model(recipe: Recipe, num_classes: int, precision: str, **options: Any) -> nn.Module:
@@ -103,7 +103,7 @@ def build_program(recipe: Recipe, *, num_classes: int, image_size: int, steps_pe
                                 aux_loss_weight=recipe.aux_loss_weight, ema_decay=recipe.ema_decay,
                                 image_mean=mean, image_std=std)
     jit_train = jax.jit(step_fn, in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-                        donate_argnums=0)
+                        donate_argnums=0, compiler_options=train_step_compiler_options(devices[0].platform))
     jit_eval = jax.jit(functools.partial(eval_step, image_mean=mean, image_std=std),
                        in_shardings=(replicated, data_sharding), out_shardings=replicated, static_argnames="use_ema")
     return Program(model=model, tx=tx, schedule=schedule, image_size=image_size, ema=recipe.ema_decay is not None,

@@ -142,6 +142,18 @@ def train_step(
     return new_state, metrics
 
 
+def train_step_compiler_options(platform: str) -> dict[str, Any]:
+    """XLA options for compiling :func:`train_step` with its state donated on ``platform``.
+
+    On the CPU, XLA's default copy insertion copies every weight that the backward pass reads and
+    the update then overwrites in place (109 copies, 128 MiB, in a ResNet-50 step at batch 16),
+    because nothing in the data flow orders the read before the write. Its region analysis proves
+    the order and keeps 8 of them; the results are bit-identical (``tests/test_train_step.py``).
+    Other backends order their steps sequentially and need no option.
+    """
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if platform == "cpu" else {}
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, use_ema: bool = False,
               image_mean: tuple[float, ...] = IMAGENET_MEAN,
               image_std: tuple[float, ...] = IMAGENET_STD) -> dict[str, jax.Array]:
