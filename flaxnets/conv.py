@@ -3,7 +3,7 @@
 XLA:CPU runs some convolutions far below what the hardware allows: 1x1 convolutions (3x slower
 forward and backward than the same matrix product), 3x3 ones with many channels (1.3x slower at
 the median than Winograd's F(2x2, 3x3) as batched matmuls), some kernel gradients (up to 1.7x
-slower than a matmul over the patches), grouped convolutions (the gradient about 30x slower than
+slower than matmuls over the patches), grouped convolutions (the gradient about 30x slower than
 the forward pass) and depthwise ones (10-40x slower than a fused elementwise loop).
 :func:`conv_general_dilated` routes those to equivalent formulations on the CPU; every model
 builds its convolutions from :data:`Conv`.
@@ -206,8 +206,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       :data:`REWRITE_MIN_CHANNELS` channels in and out: float32 3x3 stride-1 ones with outputs of
       at least :data:`WINOGRAD_MIN_SIZE` pixels a side run as F(2x2, 3x3) Winograd
       (:mod:`flaxnets.winograd`), 1.3x faster forward and backward at the median shape; the others
-      keep the convolution but get their kernel gradient as one matmul over the input's patches
-      (even, up to 1.7x faster). RGB stems and DenseNet's 32-channel convolutions stay direct.
+      (strided, or small outputs) run under a gradient as one matmul over the input's patches,
+      forward and both gradients (14-35% faster), and without one as the patch matmul only for
+      3x3 kernels with at most :data:`PATCH_FORWARD_MAX_PIXELS` output pixels. RGB stems and
+      DenseNet's 32-channel convolutions stay direct.
 
     Same numbers up to rounding; anything else goes to ``lax.conv_general_dilated`` unchanged.
     """
