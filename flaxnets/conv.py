@@ -181,12 +181,12 @@ def _patch_conv_backward(strides, padding, residuals, grad):
 
 
 # Under a gradient, the patch matmul's forward and backward passes beat XLA:CPU's convolution with
-# the kernel gradient already written as a patch matmul (the form before 12-02) at every shape it
-# is used for (batch 16, 2-core AVX2 EPYC, 2026-12-02): ResNet-50's 3x3 stride-2 ones 24-35% faster
-# (7 -> 4 px, 512 channels: 22.7 vs 30.6 ms; 56 -> 28 px at 224 px: 150 vs 191 ms), the 4x4x512 ones
-# 26% (22.5 vs 30.5 ms), GoogLeNet-BN's 4x4 ones and AlexNet's 5x5 14-25%. The data gradient needs no
-# transposed, reversed copy of the kernel (XLA:CPU's transposed convolution writes one, 13 ms a
-# step for each of ResNet-50's 3x3x512x512 kernels), and the gradients are one matmul each.
+# the kernel gradient already written as a patch matmul (the form before 12-02) at all eleven shapes
+# measured (batch 16, 2-core AVX2 EPYC, 2026-12-02): ResNet-50's 3x3 stride-2 ones at 112 and 224 px
+# 1.06-1.35x (7 -> 4 px, 512 channels: 22.7 vs 30.6 ms; 56 -> 28 px: 150 vs 191 ms), its 4x4x512 ones
+# 1.35x (22.5 vs 30.5 ms), GoogLeNet-BN's 4x4 ones 1.15-1.38x, AlexNet's 5x5 and 3x3 1.16-1.22x. The
+# data gradient needs no transposed, reversed copy of the kernel (XLA:CPU's transposed convolution
+# writes one, 13 ms a step for each of ResNet-50's 3x3x512x512 kernels).
 _patch_conv.defvjp(_patch_conv_forward, _patch_conv_backward)
 
 
@@ -207,7 +207,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       at least :data:`WINOGRAD_MIN_SIZE` pixels a side run as F(2x2, 3x3) Winograd
       (:mod:`flaxnets.winograd`), 1.3x faster forward and backward at the median shape; the others
       (strided, or small outputs) run under a gradient as one matmul over the input's patches,
-      forward and both gradients (14-35% faster), and without one as the patch matmul only for
+      forward and both gradients (1.06-1.38x faster), and without one as the patch matmul only for
       3x3 kernels with at most :data:`PATCH_FORWARD_MAX_PIXELS` output pixels. RGB stems and
       DenseNet's 32-channel convolutions stay direct.
 
