@@ -160,20 +160,19 @@ def _conv_as_patch_matmul(x: jax.Array, kernel: jax.Array, strides, padding) -> 
 PATCH_FORWARD_MAX_PIXELS = 14 * 14
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _patch_conv(x, kernel, strides, padding):
-    out_pixels = ((x.shape[1] + sum(padding[0]) - kernel.shape[0]) // strides[0] + 1) * (
-        (x.shape[2] + sum(padding[1]) - kernel.shape[1]) // strides[1] + 1)
-    if kernel.shape[:2] == (3, 3) and out_pixels <= PATCH_FORWARD_MAX_PIXELS:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _patch_conv(x, kernel, strides, padding, patch_forward):
+    """``patch_forward``: without a gradient too, the patch matmul (else XLA's convolution)."""
+    if patch_forward:
         return _conv_as_patch_matmul(x, kernel, strides, padding)
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
 
 
-def _patch_conv_forward(x, kernel, strides, padding):
+def _patch_conv_forward(x, kernel, strides, padding, patch_forward):
     return _conv_as_patch_matmul(x, kernel, strides, padding), (x, kernel)
 
 
-def _patch_conv_backward(strides, padding, residuals, grad):
+def _patch_conv_backward(strides, padding, patch_forward, residuals, grad):
     # The patches are taken again rather than kept from the forward pass: nine times the output's
     # size per 3x3 convolution held through the whole forward pass, against a few strided copies.
     _, pullback = jax.vjp(lambda x, k: _conv_as_patch_matmul(x, k, strides, padding), *residuals)
@@ -239,7 +238,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             if ((kh, kw, stride_h, stride_w) == (3, 3, 1, 1) and min(out_h, out_w) >= WINOGRAD_MIN_SIZE
                     and lhs.dtype == rhs.dtype == jnp.float32):
                 return winograd_conv3x3(lhs, rhs, pads)
-            return _patch_conv(lhs, rhs, (stride_h, stride_w), pads)
+            patch_forward = (kh, kw) == (3, 3) and out_h * out_w <= PATCH_FORWARD_MAX_PIXELS
+            return _patch_conv(lhs, rhs, (stride_h, stride_w), pads, patch_forward)
     if plain and cpu and feature_group_count > 1:
         args = (tuple(window_strides), tuple(tuple(p) for p in padding), feature_group_count)
         if rhs.shape[2] == 1:

@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import pytest
 
 from flaxnets import conv as conv_module
@@ -188,15 +187,14 @@ def test_patch_gradient_only_with_many_channels():
     assert "custom_vjp" in traced((16, 28, 28, 128), (3, 3, 128, 128), 2)  # a strided 3x3: 462 M
 
 
-def test_patch_conv_gradient_needs_no_transposed_kernel():
+def test_patch_conv_gradient_needs_no_transposed_kernel(monkeypatch):
     """The data gradient of XLA:CPU's strided convolution writes a transposed, reversed copy of the
     kernel (13 ms a step for each 3x3x512x512 one of ResNet-50); the patch matmul's needs none."""
+    monkeypatch.setattr(conv_module, "REWRITE_MIN_MACS", 0)
     x, w = jnp.ones((2, 8, 8, 64)), jnp.ones((3, 3, 64, 64))
     loss = lambda x, w: (conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)),  # noqa: E731
                                               dimension_numbers=_HWIO) ** 2).sum()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conv_module, "REWRITE_MIN_MACS", 0)
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
     assert "convolution(" not in compiled and not re.search(r"f32\[3,3,64,64\]\S* (copy|transpose)", compiled)
 
 
