@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxnets.conv import Conv, strided_taps, target_platform
+from flaxnets.norm import BatchNorm
 
 ModuleFactory = Callable[..., nn.Module]
 
@@ -29,16 +30,10 @@ def batch_norm(train: bool, dtype: Any, epsilon: float = 1e-5, **kwargs: Any) ->
     in eval mode it uses the running averages. The variance is computed in two passes,
     mean((x - mean)^2): the one-pass E[x^2] - E[x]^2 cancels catastrophically in float32 when the
     mean is large next to the spread, which also made results depend on the device count.
+    The module is :class:`flaxnets.norm.BatchNorm`: flax's variables and results, a cheaper gradient.
     """
-    return functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        use_fast_variance=False,
-        momentum=0.9,
-        epsilon=epsilon,
-        dtype=dtype,
-        **kwargs,
-    )
+    return functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=epsilon,
+                             dtype=dtype, **kwargs)
 
 
 def bias_free_conv(dtype: Any, param_dtype: Any) -> ModuleFactory:
