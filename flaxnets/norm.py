@@ -5,7 +5,8 @@ spreads the backward pass over several loops. Here the training-mode forward and
 custom VJP over the input the layer already holds: the backward pass reads the output gradient and
 the input once for the two channel sums and once more for the input gradient, which is one
 per-channel affine function of both. On the CPU a BatchNorm + ReLU at ResNet-50's 28x28x512, batch
-16, forward and backward, went 22-25 -> 15 ms.
+16, forward and backward, went 22-25 -> 15 ms. Outputs agree with flax's to float32 rounding (the
+normalisation is one multiply-add on ``x``; eval mode is flax's formula, unchanged).
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ def normalize_with_batch_stats(x, scale, bias, epsilon: float, out_dtype: Any):
 def _forward(x, scale, bias, epsilon, out_dtype):
     mean, var = _batch_moments(x)
     inv = lax.rsqrt(var + epsilon)
-    # One multiply-add per element on x itself: with (x - mean) here, XLA writes the centred input
-    # out once for this and the variance rather than recompute it inside both loops.
+    # A multiply-add on x itself, so the centred input is needed only inside the variance's reduction.
     gain = inv * scale
     y = x * gain + (bias - mean * gain)
     return (y.astype(out_dtype), mean, var), (x, mean, inv, scale, bias)
@@ -72,8 +72,8 @@ class BatchNorm(nn.Module):
     """Batch normalisation over the last (channel) axis, a drop-in for ``flax.linen.BatchNorm``.
 
     The same variables (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``, float32),
-    the same two-pass statistics, running-average update (skipped while initialising) and output;
-    only the training-mode gradient is computed differently (``normalize_with_batch_stats``).
+    the same two-pass statistics and running-average update (skipped while initialising), and its
+    output to float32 rounding; the training-mode gradient is ``normalize_with_batch_stats``'s.
 
     Attributes:
       use_running_average: normalise with the running statistics (eval, frozen BN) rather than the
