@@ -13,6 +13,9 @@ Memory: on GPU, for JAX the compiled training step's buffers (XLA's memory analy
 outputs and temporaries, less donated aliases) and for PyTorch ``torch.cuda.max_memory_allocated``;
 on CPU, for both, the rise of the process's peak resident memory (Linux ``VmHWM``, reset before
 each phase) while the step is built, compiled and warmed up.
+
+On the CPU the process runs again with glibc's huge-page tunable, as ``python -m train`` does
+(``train/host_memory.py``; both frameworks get it); ``--host-memory default`` leaves glibc as it comes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import flaxnets  # noqa: E402
 from flaxnets.torch_weights import torch_counterpart  # noqa: E402
 from train.optim import make_optimizer, make_schedule  # noqa: E402
 from train.recipes import Recipe  # noqa: E402
+from train.host_memory import restart_with_huge_pages  # noqa: E402
 from train.steps import create_state, train_step, train_step_compiler_options  # noqa: E402
 
 DEFAULT_MODELS = ("resnet50", "resnext50_32x4d", "vgg16", "densenet121", "googlenet_bn", "xception")
@@ -286,7 +290,7 @@ def environment(args) -> dict:
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "jax": jax.__version__, "flax": __import__("flax").__version__, "torch": torch.__version__,
             "torchvision": __import__("torchvision").__version__, "timm": __import__("timm").__version__,
-            "args": vars(args)}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "args": vars(args)}
 
 
 def _say(message: str) -> None:
@@ -308,8 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     parser.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time torch.compile")
+    parser.add_argument("--host-memory", choices=("huge-pages", "default"), default="huge-pages",
+                        help="CPU: huge-pages: run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as python -m train "
+                             "does (both frameworks get it); default: glibc as it comes")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json", help="JSON output")
     args = parser.parse_args(argv)
+    if argv is None and args.device == "cpu" and args.host_memory == "huge-pages":
+        restart_with_huge_pages()
     if args.device == "gpu" and not torch.cuda.is_available():
         parser.error("--device gpu: PyTorch sees no CUDA device")
     if jax.local_devices()[0].platform != ("cpu" if args.device == "cpu" else "gpu"):
@@ -322,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args)
     table = markdown(results, args.torch_compile)
     print(f"{env['device']} ({env['cpu']}, {env['vector_isa']}, {env['cores']} cores), {args.image_size}px, batch {args.batch}, {args.precision}; "
-          f"jax {env['jax']}, torch {env['torch']}; {env['date']}\n")
+          f"jax {env['jax']}, torch {env['torch']}; GLIBC_TUNABLES={env['glibc_tunables'] or '(unset)'}; {env['date']}\n")
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -155,6 +155,12 @@ _TRAINING_STACK = ("optax", "orbax.checkpoint", "tensorflow", "tensorflow_datase
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 done, 1 error, 143 preempted)."""
     args = _parser().parse_args(argv)
+    if argv is None and args.accelerator == "cpu":
+        # From the command line: run again with huge pages for XLA's per-step buffers (~20% faster
+        # ResNet-50 steps on 2 cores); nothing has started yet.
+        from train.host_memory import restart_with_huge_pages
+
+        restart_with_huge_pages()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.accelerator == "cpu":
         # Only the CPU is used: jax then skips looking for TPUs and GPUs (and logging that it found none).
