@@ -6,6 +6,14 @@ already on the device. A training step is forward, backward, SGD-momentum update
 statistics. After warm-up the frameworks are timed in alternating rounds (so machine noise hits
 both alike) and the median round is reported. Prints a Markdown table and writes JSON.
 
+Each round starts with one settling step that the rate leaves out (its time is kept in the JSON as
+``*_first_step_s_rounds``): on the virtual machines this project measures on, memory a process
+freed is handed back to the hypervisor after about two seconds idle, and the first step that
+touches it again pays ~1-2 s of kernel time. XLA returns a step's temporaries to the OS after
+every call, so that cost fell on flaxnets' first step after each PyTorch round (PyTorch keeps its
+heap), cost it ~20% in three-step rounds, and is absent in a training run, whose steps follow
+each other without pauses.
+
     python benchmarks/train_throughput.py                        # CPU: small resolution and batch
     python benchmarks/train_throughput.py --device gpu --image-size 224 --batch 256 --precision bf16
 
@@ -208,9 +216,13 @@ def _measure(name: str, args) -> dict:
             continue
         runners[label] = (train, infer)
         result[label] = {"compile_s": round(compile_s, 1), "peak_memory_mb": memory.mb, "train": [], "infer": []}
+    first_steps = {label: {"train": [], "infer": []} for label in runners}
     for round_index in range(args.rounds):
         for label, (train, infer) in runners.items():
             for kind, fn in (("train", train), ("infer", infer)):
+                start = time.perf_counter()
+                fn(1)  # settling step, untimed in the rate: see the module docstring
+                first_steps[label][kind].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 fn(args.steps)
                 result[label][kind].append(args.steps * args.batch / (time.perf_counter() - start))
@@ -221,6 +233,7 @@ def _measure(name: str, args) -> dict:
             rates = result[label].pop(kind)
             result[label][f"{kind}_img_s"] = round(statistics.median(rates), 2)
             result[label][f"{kind}_img_s_rounds"] = [round(r, 2) for r in rates]
+            result[label][f"{kind}_first_step_s_rounds"] = [round(t, 3) for t in first_steps[label][kind]]
     for label in runners:
         if label != "jax" and "jax" in runners:
             for kind in ("train", "infer"):
