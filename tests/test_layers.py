@@ -138,6 +138,7 @@ def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, p
     """Winograd F(2x2, 3x3) and the patch matmuls give lax.conv's values and gradients."""
     monkeypatch.setattr(conv_module, "REWRITE_MIN_MACS", 0)  # these shapes are small to keep the test fast
     monkeypatch.setattr(conv_module, "REWRITE_MIN_CHANNELS", 0)
+    monkeypatch.setattr(conv_module, "WINOGRAD_MIN_CHANNELS_IN", 0)
     n, h, w, c, k = shape
     x = jax.random.normal(jax.random.key(0), (n, h, w, c))
     weights = jax.random.normal(jax.random.key(1), (kernel, kernel, c, k)) / np.sqrt(kernel * kernel * c)
@@ -172,6 +173,8 @@ def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
     # Few channels: XLA's own (YNNPACK) convolution is 2-4x faster there.
     assert "conv_general_dilated" in traced((16, 112, 3, 64))  # VGG's RGB convolution: 347 M
     assert "conv_general_dilated" in traced((16, 28, 128, 32))  # DenseNet's 32-channel growth: 462 M
+    assert "conv_general_dilated" not in traced((16, 53, 32, 64))  # Xception's second stem convolution
+    assert "conv_general_dilated" in traced((16, 53, 16, 64))  # 16 channels in: direct
 
 
 def test_patch_gradient_only_with_many_channels():
