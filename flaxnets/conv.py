@@ -121,6 +121,32 @@ def _grouped_conv_as_sums(x: jax.Array, kernel: jax.Array, strides, padding, gro
     return out.reshape(*out.shape[:3], features)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_conv(x, kernel, strides, padding):
+    """A depthwise NHWC convolution (one input and one output channel a group) as summed products."""
+    return _grouped_conv_as_sums(x, kernel, strides, padding, x.shape[-1])
+
+
+def _depthwise_conv_forward(x, kernel, strides, padding):
+    return _depthwise_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _depthwise_conv_backward(strides, padding, residuals, grad):
+    x, kernel = residuals
+    (grad_x,) = jax.vjp(lambda x: _grouped_conv_as_sums(x, kernel, strides, padding, x.shape[-1]), x)[1](grad)
+    taps = strided_taps(x, kernel.shape[:2], strides, padding)
+    grad_kernel = jnp.stack([jnp.sum(view * grad, axis=(0, 1, 2)) for _, _, view in taps])
+    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+# Autodiff of the sums keeps every tap's shifted input from the forward pass and reduces each
+# kernel tap's gradient over a (N, H, W, C, 1) product; the kernel gradient as one plain channel
+# sum per tap, the taps taken again from the input, runs the depthwise convolution's forward and
+# backward passes 1.25-1.4x faster at Xception's shapes (batch 16, 2-core AVX-512 EPYC, 2026-12-03:
+# 53x53x128 87 vs 109 ms, 27x27x256 53 vs 67 ms, 7x7x728 7.1 vs 9.8 ms).
+_depthwise_conv.defvjp(_depthwise_conv_forward, _depthwise_conv_backward)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _grouped_conv(x, kernel, strides, padding, groups):
     if kernel.shape[2] <= _MAX_SUMMED_CHANNELS:
@@ -249,6 +275,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             return _patch_conv(lhs, rhs, (stride_h, stride_w), pads, patch_forward)
     if plain and cpu and feature_group_count > 1:
         args = (tuple(window_strides), tuple(tuple(p) for p in padding), feature_group_count)
+        if rhs.shape[2] == 1 and rhs.shape[3] == lhs.shape[3]:
+            return _depthwise_conv(lhs, rhs, *args[:2])
         if rhs.shape[2] == 1:
             return _grouped_conv_as_sums(lhs, rhs, *args)
         return _grouped_conv(lhs, rhs, *args)

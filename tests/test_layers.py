@@ -105,7 +105,7 @@ def test_max_pool_gradient_matches_torch():
         np.testing.assert_allclose(grad, t.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 1), (3, 1, 1), (1, 1, 2), (3, 1, 4), (3, 2, 2), (3, 1, 8)])
+@pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 1), (3, 1, 1), (1, 1, 2), (3, 1, 4), (3, 2, 2), (3, 1, 8), (3, 2, 8)])
 def test_conv_matches_lax_convolution_with_gradients(kernel, stride, groups):
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
     conv = Conv(8, (kernel, kernel), strides=stride, padding=kernel // 2, feature_group_count=groups)
