@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: JAX bfloat16 compute with float32 weights; PyTorch autocast to bfloat16")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     parser.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time torch.compile")
