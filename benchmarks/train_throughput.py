@@ -7,12 +7,12 @@ statistics. After warm-up the frameworks are timed in alternating rounds (so mac
 both alike) and the median round is reported. Prints a Markdown table and writes JSON.
 
 Each round starts with one settling step that the rate leaves out (its time is kept in the JSON as
-``*_first_step_s_rounds``): on the virtual machines this project measures on, memory a process
-freed is handed back to the hypervisor after about two seconds idle, and the first step that
-touches it again pays ~1-2 s of kernel time. XLA returns a step's temporaries to the OS after
-every call, so that cost fell on flaxnets' first step after each PyTorch round (PyTorch keeps its
-heap), cost it ~20% in three-step rounds, and is absent in a training run, whose steps follow
-each other without pauses.
+``*_first_step_s_rounds``): on the virtual machines this project measures on, free 2 MiB blocks are
+handed back to the host two seconds after they are freed (virtio-balloon free page reporting), and
+the first step that touches them again pays ~1-2 s of kernel time. XLA returns a step's temporaries
+to the OS after every call, so that cost fell on flaxnets' first step after each PyTorch round
+(PyTorch keeps its heap), cost it ~20% in three-step rounds, and is absent in a training run, whose
+steps follow each other without pauses.
 
     python benchmarks/train_throughput.py                        # CPU: small resolution and batch
     python benchmarks/train_throughput.py --device gpu --image-size 224 --batch 256 --precision bf16
