@@ -106,9 +106,7 @@ def _grouped_conv_as_matmuls(x: jax.Array, kernel: jax.Array, strides, padding, 
     return jnp.einsum("nhwkgc,kcgd->nhwgd", patches, kernel).reshape(n, out_h, out_w, features)
 
 
-def _grouped_conv_as_sums(x: jax.Array, kernel: jax.Array, strides, padding, groups: int) -> jax.Array:
-    """A grouped NHWC convolution with few channels per group (depthwise: one) as a sum of
-    per-tap, per-channel broadcast products, which XLA fuses into one elementwise loop."""
+def _summed_products(x: jax.Array, kernel: jax.Array, strides, padding, groups: int) -> jax.Array:
     kh, kw, per_group, features = kernel.shape
     per_out = features // groups
     kernel = kernel.reshape(kh, kw, per_group, groups, per_out)
@@ -119,6 +117,21 @@ def _grouped_conv_as_sums(x: jax.Array, kernel: jax.Array, strides, padding, gro
             term = view[..., c:c + 1] * kernel[i, j, c]
             out = term if out is None else out + term
     return out.reshape(*out.shape[:3], features)
+
+
+def _grouped_conv_as_sums(x: jax.Array, kernel: jax.Array, strides, padding, groups: int) -> jax.Array:
+    """A grouped NHWC convolution with few channels per group (depthwise: one) as a sum of
+    per-tap, per-channel broadcast products, which XLA fuses into one elementwise loop.
+
+    XLA:CPU copies a fusion of cheap elementwise operations into every loop that reads its result,
+    so the sums (36-72 products an output for ResNeXt-50's 4 and 8 channels a group) were computed
+    again in each BatchNorm, ReLU and gradient loop after the convolution: five times in a
+    training step. It never copies a conditional; the predicate is one XLA cannot fold (false only
+    for a NaN first weight), and both branches compute the same sums.
+    """
+    first = kernel.reshape(-1)[0]
+    compute = functools.partial(_summed_products, strides=strides, padding=padding, groups=groups)
+    return jax.lax.cond(first == first, compute, compute, x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -160,16 +173,34 @@ def _grouped_conv_forward(x, kernel, strides, padding, groups):
 
 
 def _grouped_conv_backward(strides, padding, groups, residuals, grad):
-    _, pullback = jax.vjp(lambda x, k: _grouped_conv_as_matmuls(x, k, strides, padding, groups), *residuals)
-    return pullback(grad)
+    x, kernel = residuals
+    kh, kw, per_group, features = kernel.shape
+    per_out = features // groups
+    if (strides == (1, 1) and per_out <= _MAX_SUMMED_CHANNELS
+            and all(0 <= p <= k - 1 for (lo_hi, k) in zip(padding, (kh, kw)) for p in lo_hi)):
+        # The input gradient of a stride-1 convolution is the convolution of the output gradient
+        # with the flipped kernel, input and output channels swapped within each group.
+        flipped = kernel.reshape(kh, kw, per_group, groups, per_out)[::-1, ::-1].transpose(0, 1, 4, 3, 2)
+        grad_x = _grouped_conv_as_sums(grad, flipped.reshape(kh, kw, per_out, groups * per_group), (1, 1),
+                                       tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, (kh, kw))),
+                                       groups)
+    else:
+        (grad_x,) = jax.vjp(lambda x: _grouped_conv_as_matmuls(x, kernel, strides, padding, groups), x)[1](grad)
+    grad = grad.reshape(*grad.shape[:3], groups, per_out)
+    grad_kernel = jnp.stack([jnp.einsum("nhwgi,nhwgo->igo", view.reshape(*view.shape[:3], groups, per_group), grad)
+                             for _, _, view in strided_taps(x, (kh, kw), strides, padding)])
+    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 # XLA:CPU runs the gradient of a grouped convolution (ResNeXt's 32 groups) about 30x slower than
-# the forward pass; the matmul form's gradient is ordinary. The forward pass stays a convolution,
-# or, with few channels per group (<= _MAX_SUMMED_CHANNELS), sums of products, 3-10x faster than
-# either there. Those sums' own gradient is 2x slower than the matmul form's at ResNeXt-50's 4 and
-# 8 channels per group (28x28x128, batch 16: forward and backward 396 ms as sums, 194 ms so);
-# depthwise convolutions (1 channel per group) keep it, as the matmul form would be all overhead.
+# the forward pass. The forward pass stays a convolution, or, with few channels per group
+# (<= _MAX_SUMMED_CHANNELS), sums of products, 3-10x faster than either there. The backward pass:
+# the kernel gradient as one group-batched product per tap, the input gradient of stride-1 ones
+# with few channels a group as the sums of the flipped kernel, the others through the
+# patches-times-kernel form. Against the matmul form's whole gradient (the form before 12-03),
+# batch 16, 2-core AVX-512 EPYC: 67 -> 35 ms at 28x28x128 (4 a group), 37 -> 22 ms at 14x14x256,
+# 12 -> 7.5 ms at 7x7x512, 42 -> 36 ms strided at 28x28x256. Depthwise convolutions (1 channel
+# per group) have their own gradient (above).
 _MAX_SUMMED_CHANNELS = 8
 _grouped_conv.defvjp(_grouped_conv_forward, _grouped_conv_backward)
 
@@ -230,8 +261,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       matrix units.
     - On the CPU, grouped convolutions with at most 8 input channels per group (depthwise ones:
       1) become sums of broadcast products, 10-40x faster than XLA:CPU's grouped convolution;
-      those with more keep the convolution. All but depthwise ones get their gradient as batched
-      matmuls (30x faster than XLA's, 2x faster than the sums').
+      those with more keep the convolution. All but depthwise ones get their kernel gradient as
+      per-tap products batched over the groups and their input gradient as the sums of the
+      flipped kernel (stride 1, few channels a group) or as batched matmuls (30x faster than XLA's).
     - On the CPU, ungrouped convolutions of at least :data:`REWRITE_MIN_MACS` multiply-adds and
       :data:`REWRITE_MIN_CHANNELS` channels out: float32 3x3 stride-1 ones with outputs of at
       least :data:`WINOGRAD_MIN_SIZE` pixels a side and :data:`WINOGRAD_MIN_CHANNELS_IN` channels
