@@ -127,7 +127,8 @@ def _grouped_conv_as_sums(x: jax.Array, kernel: jax.Array, strides, padding, gro
     so the sums (36-72 products an output for ResNeXt-50's 4 and 8 channels a group) were computed
     again in each BatchNorm, ReLU and gradient loop after the convolution: five times in a
     training step. It never copies a conditional; the predicate is one XLA cannot fold (false only
-    for a NaN first weight), and both branches compute the same sums.
+    for a NaN first weight), and both branches compute the same sums. (Under ``jax.vmap`` over the
+    kernel the conditional becomes a select and both branches run.)
     """
     first = kernel.reshape(-1)[0]
     compute = functools.partial(_summed_products, strides=strides, padding=padding, groups=groups)
