@@ -119,20 +119,26 @@ def _summed_products(x: jax.Array, kernel: jax.Array, strides, padding, groups: 
     return out.reshape(*out.shape[:3], features)
 
 
+def computed_once(compute, *operands: jax.Array) -> jax.Array:
+    """``compute(*operands)``, computed once however many loops read its result, from operands
+    computed once (the last one floating-point).
+
+    XLA:CPU copies a fusion of cheap elementwise operations into every loop that reads its result:
+    summed products after a convolution were computed again in each BatchNorm, ReLU and gradient
+    loop that followed (five times in a ResNeXt-50 training step). It never copies a conditional;
+    the predicate is one XLA cannot fold (false only for a NaN), and both branches compute the
+    same. (Under ``jax.vmap`` over the operands the conditional becomes a select and both run.)
+    """
+    first = operands[-1].reshape(-1)[0]
+    return jax.lax.cond(first == first, compute, compute, *operands)
+
+
 def _grouped_conv_as_sums(x: jax.Array, kernel: jax.Array, strides, padding, groups: int) -> jax.Array:
     """A grouped NHWC convolution with few channels per group (depthwise: one) as a sum of
-    per-tap, per-channel broadcast products, which XLA fuses into one elementwise loop.
-
-    XLA:CPU copies a fusion of cheap elementwise operations into every loop that reads its result,
-    so the sums (36-72 products an output for ResNeXt-50's 4 and 8 channels a group) were computed
-    again in each BatchNorm, ReLU and gradient loop after the convolution: five times in a
-    training step. It never copies a conditional; the predicate is one XLA cannot fold (false only
-    for a NaN first weight), and both branches compute the same sums. (Under ``jax.vmap`` over the
-    kernel the conditional becomes a select and both branches run.)
-    """
-    first = kernel.reshape(-1)[0]
+    per-tap, per-channel broadcast products, which XLA fuses into one elementwise loop (36-72
+    products an output for ResNeXt-50's 4 and 8 channels a group), :func:`computed_once`."""
     compute = functools.partial(_summed_products, strides=strides, padding=padding, groups=groups)
-    return jax.lax.cond(first == first, compute, compute, x, kernel)
+    return computed_once(compute, x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -266,18 +272,44 @@ def _direct_conv(x, kernel, padding):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_with_shifted_kernel_gradient(x, kernel, padding):
-    """A stride-1 ungrouped convolution: XLA's forward pass and input gradient; the kernel gradient
-    as one matmul of the padded input by the output gradient shifted under every tap."""
+def _summed_tap_products(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    kh, kw, channels, features = kernel.shape
+    n, height, width, _ = x.shape
+    out_h, out_w = height + sum(padding[0]) - kh + 1, width + sum(padding[1]) - kw + 1
+    by_tap = jax.lax.dot_general(x.reshape(-1, channels), kernel.transpose(2, 0, 1, 3).reshape(channels, -1),
+                                 (((1,), (0,)), ((), ())))
+    # The padding's products are zeros: padding the products pads the input.
+    by_tap = jnp.pad(by_tap.reshape(n, height, width, kh * kw, features), ((0, 0), *padding, (0, 0), (0, 0)))
+    return functools.reduce(jnp.add, [by_tap[:, i:i + out_h, j:j + out_w, i * kw + j]
+                                      for i in range(kh) for j in range(kw)])
+
+
+def _conv_as_shifted_products(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """A stride-1 convolution as one matmul of the input by all taps' kernels side by side,
+    (N, H, W, kh * kw * O), then each output pixel's sum of its taps' products, shifted into place
+    (:func:`computed_once`). With few output channels the products are a few times the input's size."""
+    return computed_once(functools.partial(_summed_tap_products, padding=padding), x, kernel)
+
+
+def _few_outputs_forward_pass(x, kernel, padding):
+    if min(x.shape[1:3]) >= SHIFTED_PRODUCTS_MIN_SIZE and x.dtype == kernel.dtype == jnp.float32:
+        return _conv_as_shifted_products(x, kernel, padding)
     return _direct_conv(x, kernel, padding)
 
 
-def _conv_with_shifted_kernel_gradient_forward(x, kernel, padding):
-    return _direct_conv(x, kernel, padding), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_with_few_outputs(x, kernel, padding):
+    """A stride-1 ungrouped convolution with few output channels: the shifted products forward (XLA's
+    convolution on small inputs), XLA's input gradient, and the kernel gradient as one matmul of the
+    padded input by the output gradient shifted under every tap."""
+    return _few_outputs_forward_pass(x, kernel, padding)
 
 
-def _conv_with_shifted_kernel_gradient_backward(padding, residuals, grad):
+def _conv_with_few_outputs_forward(x, kernel, padding):
+    return _few_outputs_forward_pass(x, kernel, padding), (x, kernel)
+
+
+def _conv_with_few_outputs_backward(padding, residuals, grad):
     x, kernel = residuals
     kh, kw, channels, features = kernel.shape
     (grad_x,) = jax.vjp(lambda x: _direct_conv(x, kernel, padding), x)[1](grad)
@@ -295,8 +327,12 @@ def _conv_with_shifted_kernel_gradient_backward(padding, residuals, grad):
 # the output gradient shifted under each tap is small there (9 x 32 columns against 128) and its
 # matmul by the padded input needs no transposed operand. DenseNet-121's training step, batch 16 at
 # 112 px (2-core AVX-512 EPYC, 2026-12-04): 1.10x faster (9 alternating rounds, range 1.07-1.48).
-_conv_with_shifted_kernel_gradient.defvjp(_conv_with_shifted_kernel_gradient_forward,
-                                          _conv_with_shifted_kernel_gradient_backward)
+# The shifted products forward, against XLA's (YNNPACK) convolution at DenseNet's 3x3 128 -> 32
+# with BatchNorm-ReLU before and after, batch 16: 28 px 4.2 vs 6.5 ms, 14 px 1.3 vs 1.6 ms, 7 px
+# 0.43 vs 0.48 ms, 3 px 0.13 vs 0.09 ms (hence a least size); DenseNet-121's inference 1.14x,
+# training step 1.03x.
+SHIFTED_PRODUCTS_MIN_SIZE = 7
+_conv_with_few_outputs.defvjp(_conv_with_few_outputs_forward, _conv_with_few_outputs_backward)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -321,8 +357,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       forward and both gradients (1.06-1.38x faster), and without one as the patch matmul only for
       3x3 kernels with at most :data:`PATCH_FORWARD_MAX_PIXELS` output pixels. RGB stems stay
       direct; stride-1 ones with :data:`REWRITE_MIN_CHANNELS` channels in and fewer out (DenseNet's
-      32-channel growth) keep XLA's forward pass and input gradient and get their kernel gradient
-      as one matmul of the padded input by the output gradient shifted under each tap.
+      32-channel growth) run forward as one matmul by every tap's kernel and a shifted sum (from
+      :data:`SHIFTED_PRODUCTS_MIN_SIZE` pixels a side), keep XLA's input gradient and get their
+      kernel gradient as one matmul of the padded input by the output gradient shifted under each tap.
 
     Same numbers up to rounding; anything else goes to ``lax.conv_general_dilated`` unchanged.
     """
@@ -357,7 +394,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             return _patch_conv(lhs, rhs, (stride_h, stride_w), pads, patch_forward)
         if ((stride_h, stride_w) == (1, 1) and channels >= REWRITE_MIN_CHANNELS > features
                 and all(0 <= p <= k - 1 for side, k in zip(pads, (kh, kw)) for p in side)):
-            return _conv_with_shifted_kernel_gradient(lhs, rhs, pads)
+            return _conv_with_few_outputs(lhs, rhs, pads)
     if plain and cpu and feature_group_count > 1:
         args = (tuple(window_strides), tuple(tuple(p) for p in padding), feature_group_count)
         if rhs.shape[2] == 1 and rhs.shape[3] == lhs.shape[3]:

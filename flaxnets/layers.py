@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.conv import Conv, strided_taps, target_platform
+from flaxnets.conv import Conv, computed_once, strided_taps, target_platform
 from flaxnets.norm import BatchNorm
 
 ModuleFactory = Callable[..., nn.Module]
@@ -159,10 +159,8 @@ def _max_pool_to_first_max_backward(window, stride, pads, input_hw, first, grad)
     # Each input pixel reads the gradient of up to window**2 outputs; XLA:CPU would fuse the
     # gradient's whole computation into those reads (DenseNet-121: its first block's seven
     # BatchNorm gradients, summed, 2-4 times a pixel: 42 ms of a 615 ms step at 112 px, batch 16).
-    # A conditional's operands are computed once; the predicate is one XLA cannot fold.
-    probe = grad.reshape(-1)[0]
     scatter = functools.partial(_scatter_to_first_max, window, stride, pads, input_hw)
-    return (jax.lax.cond(probe == probe, scatter, scatter, first, grad),)
+    return (computed_once(scatter, first, grad),)
 
 
 def _scatter_to_first_max(window, stride, pads, input_hw, first, grad):

@@ -208,7 +208,7 @@ def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
     assert "conv_general_dilated" in traced((16, 28, 64, 64), jnp.bfloat16)
     # Few channels: XLA's own (YNNPACK) convolution is 2-4x faster there.
     assert "conv_general_dilated" in traced((16, 112, 3, 64))  # VGG's RGB convolution: 347 M
-    assert "conv_general_dilated" in traced((16, 28, 128, 32))  # DenseNet's 32-channel growth: 462 M
+    assert "cond[" in traced((16, 28, 128, 32))  # DenseNet's 32-channel growth: the shifted products
     assert "conv_general_dilated" not in traced((16, 53, 32, 64))  # Xception's second stem convolution
     assert "conv_general_dilated" in traced((16, 53, 16, 64))  # 16 channels in: direct
 
@@ -226,23 +226,25 @@ def test_patch_gradient_only_with_many_channels():
     assert "custom_vjp" in traced((16, 28, 28, 128), (3, 3, 128, 128), 2)  # a strided 3x3: 462 M
 
 
-@pytest.mark.parametrize("kernel, padding", [(3, ((1, 1), (1, 1))), (3, ((0, 2), (1, 0))), (2, ((0, 0), (1, 0)))])
-def test_shifted_kernel_gradient_matches_the_direct_convolution(kernel, padding):
-    """Few channels out (DenseNet's growth): XLA's forward pass and input gradient, the kernel
-    gradient from the shifted output gradient."""
-    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 64))
+@pytest.mark.parametrize("size, kernel, padding", [
+    (8, 3, ((1, 1), (1, 1))), (9, 3, ((0, 2), (1, 0))), (8, 2, ((0, 0), (1, 0))),  # shifted products forward
+    (6, 3, ((1, 1), (1, 1)))])                                                      # small: XLA's forward
+def test_few_output_channels_match_the_direct_convolution(size, kernel, padding):
+    """Few channels out (DenseNet's growth): the shifted products forward from 7 px a side, XLA's
+    input gradient, the kernel gradient from the shifted output gradient."""
+    x = jax.random.normal(jax.random.key(0), (2, size, size - 1, 64))
     weights = jax.random.normal(jax.random.key(1), (kernel, kernel, 64, 8)) / np.sqrt(kernel * kernel * 64)
 
     def run(conv):
         out, pullback = jax.vjp(lambda x, w: conv(x, w, (1, 1), padding, dimension_numbers=_HWIO), x, weights)
         return out, pullback(jnp.cos(out))
 
-    traced = jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (1, 1), padding, dimension_numbers=_HWIO))(x)
-    assert "custom_vjp" in str(traced)
+    traced = str(jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (1, 1), padding, dimension_numbers=_HWIO))(x))
+    assert "custom_vjp" in traced
+    assert ("cond[" in traced) == (size - 1 >= conv_module.SHIFTED_PRODUCTS_MIN_SIZE)
     (ours, our_grads), (direct, direct_grads) = jax.jit(lambda: (run(conv_general_dilated),
                                                                  run(jax.lax.conv_general_dilated)))()
-    np.testing.assert_array_equal(ours, direct)
-    for a, b in zip(our_grads, direct_grads):
+    for a, b in zip((ours, *our_grads), (direct, *direct_grads)):
         assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * float(jnp.max(jnp.abs(b)))
 
 
