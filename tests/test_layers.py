@@ -215,15 +215,36 @@ def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
 
 def test_patch_gradient_only_with_many_channels():
     """The patch-matmul kernel gradient (a custom VJP) is for wide convolutions; an RGB stem keeps
-    XLA's own gradient, 2.6x faster there."""
-    def traced(x_shape, kernel_shape, stride):
+    XLA's convolution forward and backward to its input, its kernel gradient a plain matmul."""
+    def compiled(x_shape, kernel_shape, stride):
         x, w = jnp.ones(x_shape), jnp.ones(kernel_shape)
         pad = ((kernel_shape[0] // 2,) * 2,) * 2
-        return str(jax.make_jaxpr(lambda x: conv_general_dilated(x, w, (stride, stride), pad,
-                                                                 dimension_numbers=_HWIO))(x))
+        loss = lambda x, w: conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=_HWIO).sum()  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
 
-    assert "custom_vjp" not in traced((16, 112, 112, 3), (7, 7, 3, 64), 2)  # ResNet's stem: 472 M
-    assert "custom_vjp" in traced((16, 28, 28, 128), (3, 3, 128, 128), 2)  # a strided 3x3: 462 M
+    stem = compiled((2, 32, 32, 3), (7, 7, 3, 16), 2)  # ResNet's stem
+    assert stem.count(" convolution(") == 1 and " dot(" in stem  # the input gradient; the kernel's a matmul
+    assert " convolution(" not in compiled((16, 28, 28, 128), (3, 3, 128, 128), 2)  # a strided 3x3: 462 M
+
+
+@pytest.mark.parametrize("shape, kernel, stride, pad", [
+    ((2, 23, 23, 3, 16), 7, 2, 3), ((2, 27, 27, 3, 8), 11, 4, 2),  # ResNet's and AlexNet's stems
+    ((2, 12, 11, 16, 8), 3, 1, 1), ((2, 9, 9, 32, 8), 5, 1, 0)])   # few channels in, inside a network
+def test_tap_row_kernel_gradient_matches_the_direct_convolution(shape, kernel, stride, pad):
+    n, h, w, c, k = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, c))
+    weights = jax.random.normal(jax.random.key(1), (kernel, kernel, c, k)) / np.sqrt(kernel * kernel * c)
+    padding = ((pad, pad), (pad, pad))
+
+    def run(conv):
+        out, pullback = jax.vjp(lambda x, w: conv(x, w, (stride, stride), padding, dimension_numbers=_HWIO), x, weights)
+        return out, pullback(jnp.cos(out))
+
+    (ours, our_grads), (direct, direct_grads) = jax.jit(lambda: (run(conv_general_dilated),
+                                                                 run(jax.lax.conv_general_dilated)))()
+    np.testing.assert_array_equal(ours, direct)
+    for a, b in zip(our_grads, direct_grads):
+        assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * float(jnp.max(jnp.abs(b)))
 
 
 @pytest.mark.parametrize("size, kernel, padding", [
