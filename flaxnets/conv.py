@@ -296,7 +296,7 @@ def _conv_with_tap_row_kernel_gradient_backward(strides, padding, residuals, gra
 # pass's rate, and the patch matmul with pixel-major patches loses to it (the product transposes
 # them). The rows of a channel-major copy, (kh * kw * C) x pixels, times the output gradient are a
 # plain matmul; the rows are 9-49x the input, which is small there. Measured with the forward pass
-# and a BatchNorm-ReLU after, batch 16, 2-core AVX-512 EPYC, 2026-12-04: ResNet's 7x7/2 stem at
+# and a BatchNorm-ReLU after, batch 16, 2-core AVX-512 Xeon, 2026-12-04: ResNet's 7x7/2 stem at
 # 112 px 27.5 -> 11.3 ms, at 224 px 157 -> 91 ms; VGG's 3x3 at 112 px 58 -> 42 ms; AlexNet's
 # 11x11/4 14.1 -> 6.3 ms; Xception's 3x3/2 6.5 -> 4.9 ms; 16 and 32 channels in 1.2-2.6x. Training
 # steps at 112 px, batch 16: GoogLeNet-BN 1.05x, ResNet-50 1.03x, DenseNet-121 1.02x, VGG-16 1.01x.
@@ -372,7 +372,7 @@ def _conv_with_few_outputs_backward(padding, residuals, grad):
 # 128 -> 32 convolutions: 10-12 ms for the copy beside 8 ms for the gradient at 28 px, batch 16);
 # the output gradient shifted under each tap is small there (9 x 32 columns against 128) and its
 # matmul by the padded input needs no transposed operand. DenseNet-121's training step, batch 16 at
-# 112 px (2-core AVX-512 EPYC, 2026-12-04): 1.10x faster (9 alternating rounds, range 1.07-1.48).
+# 112 px (2-core AVX-512 Xeon, 2026-12-04): 1.10x faster (9 alternating rounds, range 1.07-1.48).
 # The shifted products forward, against XLA's (YNNPACK) convolution at DenseNet's 3x3 128 -> 32
 # with BatchNorm-ReLU before and after, batch 16: 28 px 4.2 vs 6.5 ms, 14 px 1.3 vs 1.6 ms, 7 px
 # 0.43 vs 0.48 ms, 3 px 0.13 vs 0.09 ms (hence a least size); DenseNet-121's inference 1.14x,
