@@ -118,7 +118,7 @@ def test_max_pool_gradient_reads_its_incoming_gradient_computed_once():
 @pytest.mark.parametrize("kernel, stride, groups, channels, padding", [
     (1, 1, 1, 8, 0), (1, 2, 1, 8, 0), (3, 1, 1, 8, 1), (1, 1, 2, 8, 0),
     (3, 1, 4, 8, 1), (3, 1, 4, 8, "VALID"), (3, 2, 2, 8, 1),  # summed products; gradient as sums or matmuls
-    (3, 1, 2, 32, 1),                                          # 16 a group: XLA's convolution forward
+    (3, 1, 2, 32, 1), (3, 2, 2, 32, 1), (3, 1, 2, 32, "VALID"),  # 16 a group: per-tap group matmuls
     (3, 1, 8, 8, 1), (3, 2, 8, 8, 1)])                         # depthwise
 def test_conv_matches_lax_convolution_with_gradients(kernel, stride, groups, channels, padding):
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, channels))
