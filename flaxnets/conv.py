@@ -417,9 +417,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       matrix units.
     - On the CPU, grouped convolutions with at most 8 input channels per group (depthwise ones:
       1) become sums of broadcast products, 10-40x faster than XLA:CPU's grouped convolution;
-      those with more, one group-batched matmul per tap (1.2x). All but depthwise ones get their kernel gradient as
-      per-tap products batched over the groups and their input gradient as the sums of the
-      flipped kernel (stride 1, few channels a group) or as batched matmuls (30x faster than XLA's).
+      those with more, one group-batched matmul per tap (1.2x). All but depthwise ones get their
+      kernel gradient as per-tap products batched over the groups and their input gradient as the
+      sums of the flipped kernel (stride 1, few channels a group) or as batched matmuls (30x
+      faster than XLA's).
     - On the CPU, ungrouped convolutions of at least :data:`REWRITE_MIN_MACS` multiply-adds and
       :data:`REWRITE_MIN_CHANNELS` channels out: float32 3x3 stride-1 ones with outputs of at
       least :data:`WINOGRAD_MIN_SIZE` pixels a side and :data:`WINOGRAD_MIN_CHANNELS_IN` channels

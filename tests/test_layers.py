@@ -219,7 +219,10 @@ def test_patch_gradient_only_with_many_channels():
     def compiled(x_shape, kernel_shape, stride):
         x, w = jnp.ones(x_shape), jnp.ones(kernel_shape)
         pad = ((kernel_shape[0] // 2,) * 2,) * 2
-        loss = lambda x, w: conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=_HWIO).sum()  # noqa: E731
+
+        def loss(x, w):
+            return conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=_HWIO).sum()
+
         return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
 
     stem = compiled((2, 32, 32, 3), (7, 7, 3, 16), 2)  # ResNet's stem
@@ -260,7 +263,8 @@ def test_few_output_channels_match_the_direct_convolution(size, kernel, padding)
         out, pullback = jax.vjp(lambda x, w: conv(x, w, (1, 1), padding, dimension_numbers=_HWIO), x, weights)
         return out, pullback(jnp.cos(out))
 
-    traced = str(jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (1, 1), padding, dimension_numbers=_HWIO))(x))
+    traced = str(jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (1, 1), padding,
+                                                               dimension_numbers=_HWIO))(x))
     assert "custom_vjp" in traced
     assert ("cond[" in traced) == (size - 1 >= conv_module.SHIFTED_PRODUCTS_MIN_SIZE)
     (ours, our_grads), (direct, direct_grads) = jax.jit(lambda: (run(conv_general_dilated),
