@@ -78,17 +78,34 @@ WINOGRAD_MIN_CHANNELS_IN = 32
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
+def _direct_conv(x, kernel, strides, padding):
+    """XLA's own ungrouped NHWC convolution."""
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def _tap_windows(padded: jax.Array, kernel_hw: tuple[int, int], strides, axes=(1, 2)):
+    """[(i, j, view)]: the strided window of an already padded array that kernel tap (i, j) sees,
+    ``axes`` its two spatial axes."""
+    (kh, kw), (sh, sw), (ah, aw) = kernel_hw, strides, axes
+    out_h, out_w = (padded.shape[ah] - kh) // sh + 1, (padded.shape[aw] - kw) // sw + 1
+    strides_all = [1] * padded.ndim
+    strides_all[ah], strides_all[aw] = sh, sw
+
+    def window(i, j):  # one strided slice over both spatial axes
+        start, limit = [0] * padded.ndim, list(padded.shape)
+        start[ah], limit[ah] = i, i + (out_h - 1) * sh + 1
+        start[aw], limit[aw] = j, j + (out_w - 1) * sw + 1
+        return jax.lax.slice(padded, start, limit, strides_all)
+
+    return [(i, j, window(i, j)) for i in range(kh) for j in range(kw)]
+
+
 def strided_taps(x: jax.Array, kernel_hw: tuple[int, int], strides, padding, pad_value: float = 0.0):
     """The strided views of the padded NHWC input that each kernel tap (i, j) sees:
     [(i, j, view)], each view (N, H', W', C). ``padding`` is ((top, bottom), (left, right))."""
-    n, _, _, channels = x.shape
     if any(p != (0, 0) for p in padding):
         x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=pad_value)
-    (kh, kw), (sh, sw) = kernel_hw, strides
-    out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    return [(i, j, jax.lax.slice(x, (0, i, j, 0), (n, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
-                                 (1, sh, sw, 1)))
-            for i in range(kh) for j in range(kw)]
+    return _tap_windows(x, kernel_hw, strides)
 
 
 def image_patches(x: jax.Array, kernel_hw: tuple[int, int], strides, padding) -> jax.Array:
@@ -172,14 +189,12 @@ def _group_batched_taps(x: jax.Array, kernel: jax.Array, strides, padding, group
     padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     n, height, width, _ = padded.shape
     by_group = padded.reshape(n, height, width, groups, per_group).transpose(3, 0, 1, 2, 4)
-    (sh, sw), kernel = strides, kernel.reshape(kh, kw, per_group, groups, features // groups)
-    out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+    kernel = kernel.reshape(kh, kw, per_group, groups, features // groups)
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            view = by_group[:, :, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw]
-            term = jnp.einsum("gnhwc,cgo->gnhwo", view, kernel[i, j])
-            out = term if out is None else out + term
+    for i, j, view in _tap_windows(by_group, (kh, kw), strides, axes=(2, 3)):
+        term = jnp.einsum("gnhwc,cgo->gnhwo", view, kernel[i, j])
+        out = term if out is None else out + term
+    _, _, out_h, out_w, _ = out.shape
     return out.transpose(1, 2, 3, 0, 4).reshape(n, out_h, out_w, features)
 
 
@@ -260,7 +275,7 @@ def _patch_conv(x, kernel, strides, padding, patch_forward):
     """``patch_forward``: without a gradient too, the patch matmul (else XLA's convolution)."""
     if patch_forward:
         return _conv_as_patch_matmul(x, kernel, strides, padding)
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+    return _direct_conv(x, kernel, strides, padding)
 
 
 def _patch_conv_forward(x, kernel, strides, padding, patch_forward):
@@ -286,32 +301,25 @@ _patch_conv.defvjp(_patch_conv_forward, _patch_conv_backward)
 
 def _tap_rows(x: jax.Array, kernel_hw: tuple[int, int], strides, padding) -> jax.Array:
     """The input under every kernel tap as rows: (kh * kw * C, N * H' * W'), channel-major."""
-    (kh, kw), (sh, sw) = kernel_hw, strides
     by_channel = jnp.pad(x, ((0, 0), *padding, (0, 0))).transpose(3, 0, 1, 2)  # (C, N, H, W)
-    out_h, out_w = (by_channel.shape[2] - kh) // sh + 1, (by_channel.shape[3] - kw) // sw + 1
-    rows = [by_channel[:, :, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw]
-            for i in range(kh) for j in range(kw)]
-    return jnp.stack(rows).reshape(kh * kw * x.shape[-1], -1)
-
-
-def _strided_direct_conv(x, kernel, strides, padding):
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+    rows = [view for _, _, view in _tap_windows(by_channel, kernel_hw, strides, axes=(2, 3))]
+    return jnp.stack(rows).reshape(kernel_hw[0] * kernel_hw[1] * x.shape[-1], -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_with_tap_row_kernel_gradient(x, kernel, strides, padding):
     """XLA's convolution and input gradient; the kernel gradient as the input's tap rows times the
     output gradient, a plain matmul."""
-    return _strided_direct_conv(x, kernel, strides, padding)
+    return _direct_conv(x, kernel, strides, padding)
 
 
 def _conv_with_tap_row_kernel_gradient_forward(x, kernel, strides, padding):
-    return _strided_direct_conv(x, kernel, strides, padding), (x, kernel)
+    return _direct_conv(x, kernel, strides, padding), (x, kernel)
 
 
 def _conv_with_tap_row_kernel_gradient_backward(strides, padding, residuals, grad):
     x, kernel = residuals
-    (grad_x,) = jax.vjp(lambda x: _strided_direct_conv(x, kernel, strides, padding), x)[1](grad)
+    (grad_x,) = jax.vjp(lambda x: _direct_conv(x, kernel, strides, padding), x)[1](grad)
     grad_kernel = jax.lax.dot_general(_tap_rows(x, kernel.shape[:2], strides, padding),
                                       grad.reshape(-1, grad.shape[-1]), (((1,), (0,)), ((), ())),
                                       preferred_element_type=jnp.float32)
@@ -340,10 +348,6 @@ def _shifted_output_gradients(grad: jax.Array, kernel_hw: tuple[int, int]) -> ja
                       for i in range(kh) for j in range(kw)], axis=3)
 
 
-def _direct_conv(x, kernel, padding):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
-
-
 def _summed_tap_products(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     kh, kw, channels, features = kernel.shape
     n, height, width, _ = x.shape
@@ -366,7 +370,7 @@ def _conv_as_shifted_products(x: jax.Array, kernel: jax.Array, padding) -> jax.A
 def _few_outputs_forward_pass(x, kernel, padding):
     if min(x.shape[1:3]) >= SHIFTED_PRODUCTS_MIN_SIZE and x.dtype == kernel.dtype == jnp.float32:
         return _conv_as_shifted_products(x, kernel, padding)
-    return _direct_conv(x, kernel, padding)
+    return _direct_conv(x, kernel, (1, 1), padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -384,7 +388,7 @@ def _conv_with_few_outputs_forward(x, kernel, padding):
 def _conv_with_few_outputs_backward(padding, residuals, grad):
     x, kernel = residuals
     kh, kw, channels, features = kernel.shape
-    (grad_x,) = jax.vjp(lambda x: _direct_conv(x, kernel, padding), x)[1](grad)
+    (grad_x,) = jax.vjp(lambda x: _direct_conv(x, kernel, (1, 1), padding), x)[1](grad)
     # grad_kernel[i, j] = sum over pixels p of padded_x[p + (i, j)] grad[p] = sum over p' of
     # padded_x[p'] shifted_grad[p', (i, j)]: both operands whole, contiguous arrays.
     shifted = _shifted_output_gradients(grad, (kh, kw)).reshape(-1, kh * kw * features)

@@ -160,6 +160,19 @@ def test_summed_grouped_conv_is_computed_once_for_all_its_readers():
 _HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
+def _ours_and_direct(x, weights, stride, padding):
+    """((output, (grad_x, grad_w)), ...) of our convolution and of lax.conv's, in one compile."""
+    def run(conv):
+        out, pullback = jax.vjp(lambda x, w: conv(x, w, (stride, stride), padding, dimension_numbers=_HWIO), x, weights)
+        return out, pullback(jnp.cos(out))  # a cotangent that is not the output itself
+
+    return jax.jit(lambda: (run(conv_general_dilated), run(jax.lax.conv_general_dilated)))()
+
+
+def _largest(a) -> float:
+    return float(jnp.max(jnp.abs(a)))
+
+
 @pytest.mark.parametrize("shape, kernel, stride, padding, direct_forward", [
     ((2, 9, 9, 8, 8), 3, 1, ((1, 1), (1, 1)), False),      # Winograd; odd size: a part tile at the edge
     ((2, 10, 10, 8, 8), 3, 1, ((0, 0), (0, 0)), False),    # Winograd, VALID
@@ -179,16 +192,10 @@ def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, p
     x = jax.random.normal(jax.random.key(0), (n, h, w, c))
     weights = jax.random.normal(jax.random.key(1), (kernel, kernel, c, k)) / np.sqrt(kernel * kernel * c)
 
-    def run(conv):
-        out, pullback = jax.vjp(lambda x, w: conv(x, w, (stride, stride), padding, dimension_numbers=_HWIO), x, weights)
-        return out, pullback(jnp.cos(out))  # a cotangent that is not the output itself
-
-    (ours, our_grads), (direct, direct_grads) = jax.jit(lambda: (run(conv_general_dilated),
-                                                                 run(jax.lax.conv_general_dilated)))()
-    scale = lambda a: float(jnp.max(jnp.abs(a)))  # noqa: E731
-    assert scale(ours - direct) < 1e-5 * scale(direct)
+    (ours, our_grads), (direct, direct_grads) = _ours_and_direct(x, weights, stride, padding)
+    assert _largest(ours - direct) < 1e-5 * _largest(direct)
     for a, b in zip(our_grads, direct_grads):
-        assert scale(a - b) < 1e-5 * scale(b)
+        assert _largest(a - b) < 1e-5 * _largest(b)
     traced = str(jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (stride, stride), padding,
                                                                dimension_numbers=_HWIO))(x))
     assert ("conv_general_dilated" in traced) == direct_forward
@@ -239,15 +246,10 @@ def test_tap_row_kernel_gradient_matches_the_direct_convolution(shape, kernel, s
     weights = jax.random.normal(jax.random.key(1), (kernel, kernel, c, k)) / np.sqrt(kernel * kernel * c)
     padding = ((pad, pad), (pad, pad))
 
-    def run(conv):
-        out, pullback = jax.vjp(lambda x, w: conv(x, w, (stride, stride), padding, dimension_numbers=_HWIO), x, weights)
-        return out, pullback(jnp.cos(out))
-
-    (ours, our_grads), (direct, direct_grads) = jax.jit(lambda: (run(conv_general_dilated),
-                                                                 run(jax.lax.conv_general_dilated)))()
+    (ours, our_grads), (direct, direct_grads) = _ours_and_direct(x, weights, stride, padding)
     np.testing.assert_array_equal(ours, direct)
     for a, b in zip(our_grads, direct_grads):
-        assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * float(jnp.max(jnp.abs(b)))
+        assert _largest(a - b) < 1e-5 * _largest(b)
 
 
 @pytest.mark.parametrize("size, kernel, padding", [
@@ -259,18 +261,13 @@ def test_few_output_channels_match_the_direct_convolution(size, kernel, padding)
     x = jax.random.normal(jax.random.key(0), (2, size, size - 1, 64))
     weights = jax.random.normal(jax.random.key(1), (kernel, kernel, 64, 8)) / np.sqrt(kernel * kernel * 64)
 
-    def run(conv):
-        out, pullback = jax.vjp(lambda x, w: conv(x, w, (1, 1), padding, dimension_numbers=_HWIO), x, weights)
-        return out, pullback(jnp.cos(out))
-
     traced = str(jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (1, 1), padding,
                                                                dimension_numbers=_HWIO))(x))
     assert "custom_vjp" in traced
     assert ("cond[" in traced) == (size - 1 >= conv_module.SHIFTED_PRODUCTS_MIN_SIZE)
-    (ours, our_grads), (direct, direct_grads) = jax.jit(lambda: (run(conv_general_dilated),
-                                                                 run(jax.lax.conv_general_dilated)))()
+    (ours, our_grads), (direct, direct_grads) = _ours_and_direct(x, weights, 1, padding)
     for a, b in zip((ours, *our_grads), (direct, *direct_grads)):
-        assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * float(jnp.max(jnp.abs(b)))
+        assert _largest(a - b) < 1e-5 * _largest(b)
 
 
 def test_few_output_channels_get_a_kernel_gradient_without_transposed_inputs():
