@@ -177,6 +177,7 @@ def _largest(a) -> float:
     ((2, 9, 9, 8, 8), 3, 1, ((1, 1), (1, 1)), False),      # Winograd; odd size: a part tile at the edge
     ((2, 10, 10, 8, 8), 3, 1, ((0, 0), (0, 0)), False),    # Winograd, VALID
     ((2, 8, 11, 8, 8), 3, 1, ((0, 1), (2, 1)), False),     # Winograd, uneven padding, rectangular
+    ((2, 8, 8, 8, 8), 3, 1, ((3, 0), (1, 2)), False),      # Winograd, a pad past the kernel: rows of zeros
     ((2, 14, 14, 128, 128), 3, 1, ((1, 1), (1, 1)), False),  # Winograd, ResNet-50's channels
     ((2, 4, 4, 16, 16), 3, 1, ((1, 1), (1, 1)), False),    # below WINOGRAD_MIN_SIZE: a patch matmul
     ((2, 23, 23, 3, 16), 7, 2, ((3, 3), (3, 3)), True),    # an RGB stem: patch matmuls backward only
@@ -199,6 +200,24 @@ def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, p
     traced = str(jax.make_jaxpr(lambda x: conv_general_dilated(x, weights, (stride, stride), padding,
                                                                dimension_numbers=_HWIO))(x))
     assert ("conv_general_dilated" in traced) == direct_forward
+
+
+def test_winograd_tiles_are_stacked_in_passes_of_four_and_its_input_gradient_is_a_convolution():
+    """The 16 input tiles are built in two passes of four stacks, which XLA fuses into the loops that
+    compute them: stacked at once, XLA:CPU copies them in a separate 16-operand concatenation. The
+    input gradient is the output gradient's Winograd convolution, not autodiff's sum of
+    interior-padded copies of the tiles' gradient (VGG-16's training step: 1.18x)."""
+    from flaxnets.winograd import winograd_conv3x3
+
+    x, w = jnp.ones((2, 14, 14, 64)), jnp.ones((3, 3, 64, 64))
+    loss = lambda x, w: jnp.sum(jnp.sin(winograd_conv3x3(x, w, ((1, 1), (1, 1)))))
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    sixteen = [line.split(" = ")[1].split(" ")[0] for line in hlo.splitlines() if "concatenate(" in line
+               and len(re.findall(r"%[\w.\-]+", line.split("concatenate(")[1].split(")")[0])) == 16]
+    assert sixteen == ["f32[16,64,64]{2,1,0}"]  # the kernel's 16 transformed taps only
+    interior = [p for p in re.findall(r"padding=([\d_x\-]+)", hlo)
+                if any(len(d.split("_")) == 3 and d.split("_")[2] != "0" for d in p.split("x"))]
+    assert not interior
 
 
 def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
