@@ -338,3 +338,28 @@ def test_pointwise_conv_gradients_need_no_layout_copies():
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
     assert " copy(" not in compiled
+
+
+def test_fully_connected_with_few_rows_transposes_them_once_and_matches_the_product(monkeypatch):
+    """Few rows by a large kernel: the rows are transposed in an opaque copy (so that Eigen, not
+    YNNPACK, runs the product); values and gradients are the plain product's."""
+    from flaxnets import layers as layers_module
+    from flaxnets.layers import FullyConnected
+
+    monkeypatch.setattr(layers_module, "FEW_ROWS_MATMUL_MIN_KERNEL", 64 * 48)
+    layer = FullyConnected(48)
+    x = jax.random.normal(jax.random.key(0), (4, 64))
+    params = layer.init(jax.random.key(1), x)
+    kernel, bias = params["params"]["kernel"], params["params"]["bias"]
+
+    def loss(params, x):
+        return jnp.sum(jnp.sin(layer.apply(params, x)))
+
+    assert "cond[" in str(jax.make_jaxpr(loss)(params, x))
+    got = jax.grad(loss, (0, 1))(params, x)
+    want = jax.grad(lambda p, x: jnp.sum(jnp.sin(x @ p["params"]["kernel"] + p["params"]["bias"])), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.apply(params, x), x @ kernel + bias, rtol=1e-5, atol=1e-6)
+    many_rows = jnp.ones((65, 64))
+    assert "cond[" not in str(jax.make_jaxpr(lambda x: layer.apply(params, x))(many_rows))
