@@ -363,3 +363,18 @@ def test_fully_connected_with_few_rows_transposes_them_once_and_matches_the_prod
     np.testing.assert_allclose(layer.apply(params, x), x @ kernel + bias, rtol=1e-5, atol=1e-6)
     many_rows = jnp.ones((65, 64))
     assert "cond[" not in str(jax.make_jaxpr(lambda x: layer.apply(params, x))(many_rows))
+
+
+def test_grouped_kernel_gradient_with_four_channels_a_group_is_one_dense_product_per_tap():
+    """At <= 4 channels a group the kernel gradient is each tap's dense product of all channels
+    (its diagonal blocks kept), which reads the operands as they lie instead of group-major copies."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 16))
+    weights = jax.random.normal(jax.random.key(1), (3, 3, 4, 16))  # 4 groups of 4
+    conv = lambda w: conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_HWIO,
+                                          feature_group_count=4)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(jnp.sin(conv(w)))))(weights))
+    assert len(re.findall(r"f32\[16,16\] = dot_general", jaxpr)) == 9
+    wide = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))  # 2 groups of 8: batched per group
+    conv8 = lambda w: conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_HWIO,
+                                           feature_group_count=2)
+    assert "f32[16,16] = dot_general" not in str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(conv8(w))))(wide))
