@@ -441,15 +441,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     - On the CPU, grouped convolutions with at most 8 input channels per group (depthwise ones:
       1) become sums of broadcast products, 10-40x faster than XLA:CPU's grouped convolution;
       those with more, one group-batched matmul per tap (1.2x). All but depthwise ones get their
-      kernel gradient as per-tap products batched over the groups and their input gradient as the
-      sums of the flipped kernel (stride 1, few channels a group) or as batched matmuls (30x
-      faster than XLA's).
+      kernel gradient as per-tap products batched over the groups (with at most 4 channels a
+      group, each tap's dense product of all channels, its diagonal blocks kept) and their input
+      gradient as the sums of the flipped kernel (stride 1, few channels a group) or as batched
+      matmuls (30x faster than XLA's).
     - On the CPU, ungrouped convolutions of at least :data:`REWRITE_MIN_MACS` multiply-adds and
       :data:`REWRITE_MIN_CHANNELS` channels out: float32 3x3 stride-1 ones with outputs of at
       least :data:`WINOGRAD_MIN_SIZE` pixels a side and :data:`WINOGRAD_MIN_CHANNELS_IN` channels
-      in run as F(2x2, 3x3) Winograd (:mod:`flaxnets.winograd`), 1.3x faster forward and backward
-      at the median shape; the others with :data:`REWRITE_MIN_CHANNELS` channels in too
-      (strided, or small outputs) run under a gradient as one matmul over the input's patches,
+      in run as F(2x2, 3x3) Winograd (:mod:`flaxnets.winograd`, with Winograd gradients), 1.3x
+      faster forward and backward at the median shape against XLA's (12-02; the two-pass tiles and
+      the custom gradient of 12-04 added 1.1-1.3x); the others with :data:`REWRITE_MIN_CHANNELS`
+      channels in too (strided, or small outputs) run under a gradient as one matmul over the input's patches,
       forward and both gradients (1.06-1.38x faster), and without one as the patch matmul only for
       3x3 kernels with at most :data:`PATCH_FORWARD_MAX_PIXELS` output pixels.
     - On the CPU, the other ungrouped convolutions with fewer than :data:`REWRITE_MIN_CHANNELS`
