@@ -265,7 +265,7 @@ def _block_diagonal_product(view: jax.Array, grad: jax.Array, groups: int) -> ja
 # group the kernel gradient is the dense product of all channels instead, its diagonal blocks kept:
 # 32x the multiply-adds at ResNeXt's 4 a group, but no group-major copies of the operands (22% of
 # the training step's thread time), 37.7 -> 29.1 ms at 28x28x128 and ResNeXt-50's training step
-# 1.05x (847 -> 811 ms, batch 16, 2-core AVX-512 Xeon, 2026-12-04); at 8 a group it loses (14x14x256
+# 1.05x (832 -> 792 ms, batch 16, 2-core AVX-512 Xeon, 2026-12-04); at 8 a group it loses (14x14x256
 # 13.7 vs 19.1 ms).
 _MAX_SUMMED_CHANNELS = 8
 _DENSE_KERNEL_GRADIENT_MAX_CHANNELS = 4
