@@ -56,6 +56,16 @@ MATMUL_1X1_PLATFORMS = frozenset({"cpu"})
 # kernel's transform makes the forward pass 0.8x (on the AVX2 machine of 2026-11-24), hence a
 # least output size.
 WINOGRAD_MIN_SIZE = 6
+# Where the Winograd convolutions run as F(4x4, 3x3) (36 products per 16 outputs, against F(2x2, 3x3)'s
+# 16 per 4), by output size and multiply-adds. Measured against F(2x2, 3x3), batch 16, 2-core Intel
+# Xeon, 2026-12-04, forward / forward and backward (ms): VGG-16's 112x112x64 103 -> 71 / 481 -> 303,
+# 56x56x128 69 -> 39 / 252 -> 169, 28x28x256 45 -> 28 / 163 -> 113, 14x14x512 32 -> 38 / 121 -> 109,
+# 7x7x512 11 -> 22 / 40 -> 52; ResNet-50's 28x28x64 3.8 -> 4.6 / 26.6 -> 15.6, 14x14x128 3.1 -> 3.9 /
+# 13.3 -> 13.2, 7x7x256 4.0 -> 5.5 / 11.3 -> 15.4. Its products are fewer but smaller, so the forward
+# pass gains only on large convolutions; differentiated, from 14 pixels a side.
+WINOGRAD_F4_MIN_SIZE = 28
+WINOGRAD_F4_MIN_MACS = 1_000_000_000
+WINOGRAD_F4_MIN_SIZE_UNDER_GRADIENT = 14
 # Each rewritten convolution (Winograd, or the patch-matmul kernel gradient) costs XLA:CPU 0.5-1 s
 # more to compile. Below 100 M multiply-adds a convolution takes a few milliseconds a step, so the
 # rewrite would take hundreds of steps to pay for itself (and the test suite, which compiles dozens
@@ -450,7 +460,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       least :data:`WINOGRAD_MIN_SIZE` pixels a side and :data:`WINOGRAD_MIN_CHANNELS_IN` channels
       in run as F(2x2, 3x3) Winograd (:mod:`flaxnets.winograd`, with Winograd gradients), 1.3x
       faster forward and backward at the median shape against XLA's (12-02; the two-pass tiles and
-      the custom gradient of 12-04 added 1.1-1.3x); the others with :data:`REWRITE_MIN_CHANNELS`
+      the custom gradient of 12-04 added 1.1-1.3x), or as F(4x4, 3x3) where that was faster still
+      (:data:`WINOGRAD_F4_MIN_SIZE`, :data:`WINOGRAD_F4_MIN_MACS`,
+      :data:`WINOGRAD_F4_MIN_SIZE_UNDER_GRADIENT`: 1.1-1.8x more); the others with :data:`REWRITE_MIN_CHANNELS`
       channels in too (strided, or small outputs) run under a gradient as one matmul over the input's patches,
       forward and both gradients (1.06-1.38x faster), and without one as the patch matmul only for
       3x3 kernels with at most :data:`PATCH_FORWARD_MAX_PIXELS` output pixels.
@@ -490,7 +502,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         if (big and (kh, kw, stride_h, stride_w) == (3, 3, 1, 1) and min(out_h, out_w) >= WINOGRAD_MIN_SIZE
                 and lhs.dtype == rhs.dtype == jnp.float32
                 and channels >= WINOGRAD_MIN_CHANNELS_IN and features >= REWRITE_MIN_CHANNELS):
-            return winograd_conv3x3(lhs, rhs, pads)
+            size, macs = min(out_h, out_w), n * out_h * out_w * 9 * channels * features
+            outputs = 4 if size >= WINOGRAD_F4_MIN_SIZE and macs >= WINOGRAD_F4_MIN_MACS else 2
+            return winograd_conv3x3(lhs, rhs, pads, outputs, 4 if size >= WINOGRAD_F4_MIN_SIZE_UNDER_GRADIENT else 2)
         if big and min(channels, features) >= REWRITE_MIN_CHANNELS:
             patch_forward = (kh, kw) == (3, 3) and out_h * out_w <= PATCH_FORWARD_MAX_PIXELS
             return _patch_conv(lhs, rhs, (stride_h, stride_w), pads, patch_forward)

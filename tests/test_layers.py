@@ -202,19 +202,51 @@ def test_cpu_conv_rewrites_match_the_direct_convolution(shape, kernel, stride, p
     assert ("conv_general_dilated" in traced) == direct_forward
 
 
-def test_winograd_tiles_are_stacked_in_passes_of_four_and_its_input_gradient_is_a_convolution():
-    """The 16 input tiles are built in two passes of four stacks, which XLA fuses into the loops that
-    compute them: stacked at once, XLA:CPU copies them in a separate 16-operand concatenation. The
-    input gradient is the output gradient's Winograd convolution, not autodiff's sum of
+@pytest.mark.parametrize("shape, padding", [
+    ((2, 9, 9, 8, 8), ((1, 1), (1, 1))),      # odd size: part tiles at the edge
+    ((2, 10, 13, 8, 8), ((0, 0), (0, 0))),    # VALID, rectangular
+    ((2, 8, 11, 8, 8), ((0, 1), (2, 1))),     # uneven padding
+    ((2, 8, 8, 8, 8), ((3, 0), (1, 2))),      # a pad past the kernel: rows of zeros
+    ((2, 16, 16, 256, 256), ((1, 1), (1, 1))),  # ResNet-50's widest channels at 14 px, 4x4 tiles
+])
+def test_winograd_f4x4_matches_the_direct_convolution(shape, padding):
+    """F(4x4, 3x3), with the interpolation points chosen for float32, is within 1e-5 of lax.conv in
+    values and both gradients; undifferentiated it can run F(2x2, 3x3) with the same result."""
+    from flaxnets.winograd import winograd_conv3x3
+
+    n, h, w, c, k = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, c))
+    weights = jax.random.normal(jax.random.key(1), (3, 3, c, k)) / np.sqrt(9 * c)
+
+    def run(conv):
+        out, pullback = jax.vjp(conv, x, weights)
+        return out, pullback(jnp.cos(out))
+
+    (ours, our_grads), (direct, direct_grads), plain = jax.jit(lambda: (
+        run(lambda x, w: winograd_conv3x3(x, w, padding, 2, 4)),
+        run(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_HWIO)),
+        winograd_conv3x3(x, weights, padding, 2, 4)))()
+    assert _largest(ours - direct) < 1e-5 * _largest(direct)
+    assert _largest(plain - direct) < 1e-5 * _largest(direct)
+    for a, b in zip(our_grads, direct_grads):
+        assert _largest(a - b) < 1e-5 * _largest(b)
+
+
+@pytest.mark.parametrize("outputs", [2, 4])
+def test_winograd_tiles_are_stacked_in_passes_and_its_input_gradient_is_a_convolution(outputs):
+    """The (m+2)² input tiles are built in two passes of m+2 stacks, which XLA fuses into the loops
+    that compute them: stacked at once, XLA:CPU copies them in a separate many-operand concatenation.
+    The input gradient is the output gradient's Winograd convolution, not autodiff's sum of
     interior-padded copies of the tiles' gradient (VGG-16's training step: 1.18x)."""
     from flaxnets.winograd import winograd_conv3x3
 
+    taps = (outputs + 2) ** 2
     x, w = jnp.ones((2, 14, 14, 64)), jnp.ones((3, 3, 64, 64))
-    loss = lambda x, w: jnp.sum(jnp.sin(winograd_conv3x3(x, w, ((1, 1), (1, 1)))))
+    loss = lambda x, w: jnp.sum(jnp.sin(winograd_conv3x3(x, w, ((1, 1), (1, 1)), outputs)))
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
-    sixteen = [line.split(" = ")[1].split(" ")[0] for line in hlo.splitlines() if "concatenate(" in line
-               and len(re.findall(r"%[\w.\-]+", line.split("concatenate(")[1].split(")")[0])) == 16]
-    assert sixteen == ["f32[16,64,64]{2,1,0}"]  # the kernel's 16 transformed taps only
+    stacked = [line.split(" = ")[1].split(" ")[0] for line in hlo.splitlines() if "concatenate(" in line
+               and len(re.findall(r"%[\w.\-]+", line.split("concatenate(")[1].split(")")[0])) == taps]
+    assert stacked == [f"f32[{taps},64,64]{{2,1,0}}"] * 2  # the kernel's and the flipped kernel's taps only
     interior = [p for p in re.findall(r"padding=([\d_x\-]+)", hlo)
                 if any(len(d.split("_")) == 3 and d.split("_")[2] != "0" for d in p.split("x"))]
     assert not interior
@@ -237,6 +269,23 @@ def test_winograd_is_kept_for_convolutions_big_enough_to_gain():
     assert "cond[" in traced((16, 28, 128, 32))  # DenseNet's 32-channel growth: the shifted products
     assert "conv_general_dilated" not in traced((16, 53, 32, 64))  # Xception's second stem convolution
     assert "conv_general_dilated" in traced((16, 53, 16, 64))  # 16 channels in: direct
+
+
+def test_winograd_f4x4_where_it_was_measured_faster():
+    """F(4x4, 3x3) forward only for large convolutions of at least 28 pixels a side; differentiated
+    from 14 pixels a side. The scheme shows in the batch of the tile products: 36 or 16."""
+    def products(shape, gradient):
+        n, h, c, k = shape
+        x, w = jnp.ones((n, h, h, c)), jnp.ones((3, 3, c, k))
+        conv = lambda x: conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_HWIO)
+        text = str(jax.make_jaxpr(jax.grad(lambda x: conv(x).sum()) if gradient else conv)(x))
+        return {int(b) for b in re.findall(r"f32\[(16|36),\d+,%d\]" % k, text)}
+
+    assert products((16, 56, 128, 128), gradient=False) == {36}  # VGG-16's at 112 px: 7.4 G multiply-adds
+    assert products((16, 28, 64, 64), gradient=False) == {16}  # ResNet-50's: 462 M
+    assert products((16, 28, 64, 64), gradient=True) == {36}
+    assert products((16, 14, 128, 128), gradient=True) == {36}
+    assert products((16, 7, 256, 256), gradient=True) == {16}
 
 
 def test_patch_gradient_only_with_many_channels():
